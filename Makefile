@@ -1,0 +1,40 @@
+# Two commands do all the set-up on a fresh clone: `make demo` and `make test`.
+# Installs into .venv with pip (the CPU torch wheel is found by pip) pinned by constraints.txt.
+VENV ?= .venv
+PYTHON ?= python3
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip install --quiet --disable-pip-version-check -c constraints.txt $(PIP_EXTRA)
+RUNTIME := $(VENV)/.installed
+DEV := $(VENV)/.installed-dev
+
+.PHONY: demo test test-all bench clean
+
+$(RUNTIME): pyproject.toml constraints.txt
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	# torch first and pinned: an unpinned torch (or one pulled in by a dependency) is a CUDA build with ~20 nvidia packages.
+	$(PIP) torch==2.13.0
+	$(PIP) -e .
+	touch $@
+
+$(DEV): $(RUNTIME)
+	$(PIP) -e '.[dev]'
+	touch $@
+
+## DRaFT+ on the embedded tiny model, local Ray; prints the run directory.
+demo: $(RUNTIME)
+	$(VENV)/bin/draftray train
+
+## The fast CPU suite (slow- and gpu-marked tests deselected).
+test: $(DEV)
+	$(PY) -m pytest -m "not slow and not gpu" -q
+
+## Everything, slow tests included (gpu tests skip without a GPU).
+test-all: $(DEV)
+	$(PY) -m pytest -q
+
+## Speed and memory ratios (bench/README.md); results go to docs/benchmarks.md by hand.
+bench: $(RUNTIME)
+	$(PY) -m bench.core
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache

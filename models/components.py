@@ -1,0 +1,167 @@
+"""Stable Diffusion 1.x components: loaded from diffusers layout, or the built-in tiny model.
+
+``load_components("tiny")`` builds a small SD-architecture model in code from a
+fixed seed (no download); any other name is a local directory or hub id in
+diffusers layout (``unet/``, ``vae/``, ``text_encoder/``, ``tokenizer/``,
+``scheduler/``). All weights come back frozen (``requires_grad=False``); the
+adapters module decides what trains.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+from models.tokenizer import build_clip_tokenizer
+
+TINY = "tiny"
+TINY_SEED = 0  # the embedded model's weights are a pure function of this seed
+
+# SD 1.x noise schedule (scheduler_config.json of runwayml/stable-diffusion-v1-5).
+SD15_SCHEDULER = dict(
+    num_train_timesteps=1000,
+    beta_start=0.00085,
+    beta_end=0.012,
+    beta_schedule="scaled_linear",
+    clip_sample=False,
+    set_alpha_to_one=False,
+    steps_offset=1,
+)
+
+
+class ModelNotFoundError(FileNotFoundError):
+    """The configured model path or id cannot be resolved offline."""
+
+
+@dataclass
+class Components:
+    """The five pieces of a Stable Diffusion 1.x model."""
+
+    unet: UNet2DConditionModel
+    vae: AutoencoderKL
+    text_encoder: CLIPTextModel
+    tokenizer: CLIPTokenizer
+    scheduler: DDIMScheduler
+
+    @property
+    def vae_scale_factor(self) -> int:
+        """Pixels per latent cell along each side: 2 ** (number of VAE blocks - 1)."""
+        return 2 ** (len(self.vae.config.block_out_channels) - 1)
+
+    def modules(self) -> dict[str, torch.nn.Module]:
+        return {"unet": self.unet, "vae": self.vae, "text_encoder": self.text_encoder}
+
+
+def build_tiny(seed: int = TINY_SEED) -> Components:
+    """A tiny SD-architecture model, seeded: 32 px images, 4x16x16 latents, 32-d text."""
+    # Model constructors draw from the global RNG: fork it so callers are unaffected.
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        unet = UNet2DConditionModel(
+            sample_size=16,
+            in_channels=4,
+            out_channels=4,
+            block_out_channels=(32, 64),
+            layers_per_block=1,
+            down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+            up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+            cross_attention_dim=32,
+            attention_head_dim=8,
+            norm_num_groups=16,
+        )
+        vae = AutoencoderKL(
+            in_channels=3,
+            out_channels=3,
+            block_out_channels=(32, 64),
+            down_block_types=("DownEncoderBlock2D",) * 2,
+            up_block_types=("UpDecoderBlock2D",) * 2,
+            latent_channels=4,
+            norm_num_groups=16,
+            sample_size=32,
+        )
+        text_config = CLIPTextConfig(
+            vocab_size=49408,
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            max_position_embeddings=77,
+            bos_token_id=49406,
+            eos_token_id=49407,
+            pad_token_id=49407,
+        )
+        text_encoder = CLIPTextModel(text_config)
+    comps = Components(unet, vae, text_encoder, build_clip_tokenizer(), DDIMScheduler(**SD15_SCHEDULER))
+    return _frozen(comps)
+
+
+def _frozen(comps: Components) -> Components:
+    for module in comps.modules().values():
+        module.requires_grad_(False)
+        module.eval()
+    return comps
+
+
+def load_components(name_or_path: str, revision: str | None = None) -> Components:
+    """Load SD 1.x components by name: ``tiny``, a local diffusers directory, or a hub id.
+
+    Hub ids resolve only from the local Hugging Face cache unless the user has
+    network access and HF_HUB_OFFLINE is unset; a miss raises ModelNotFoundError.
+    """
+    if name_or_path == TINY:
+        return build_tiny()
+    check_model_source(name_or_path)
+    kwargs = dict(revision=revision)
+    try:
+        comps = Components(
+            unet=UNet2DConditionModel.from_pretrained(name_or_path, subfolder="unet", **kwargs),
+            vae=AutoencoderKL.from_pretrained(name_or_path, subfolder="vae", **kwargs),
+            text_encoder=CLIPTextModel.from_pretrained(name_or_path, subfolder="text_encoder", **kwargs),
+            tokenizer=CLIPTokenizer.from_pretrained(name_or_path, subfolder="tokenizer", **kwargs),
+            scheduler=DDIMScheduler.from_pretrained(name_or_path, subfolder="scheduler", **kwargs),
+        )
+    except (OSError, ValueError) as err:
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise ModelNotFoundError(f"model {name_or_path!r} could not be loaded: {first}") from err
+    return _frozen(comps)
+
+
+def check_model_source(name_or_path: str) -> None:
+    """Cheap check that a model name resolves offline: 'tiny', or a diffusers-layout directory.
+
+    Hub ids (one '/', no such local path) are left to from_pretrained.
+    """
+    if name_or_path == TINY:
+        return
+    path = Path(name_or_path).expanduser()
+    looks_local = path.is_absolute() or name_or_path.startswith(".") or path.exists()
+    if looks_local or name_or_path.count("/") != 1:
+        missing = [sub for sub in ("unet", "vae", "text_encoder", "tokenizer", "scheduler") if not (path / sub).is_dir()]
+        if not path.is_dir():
+            raise ModelNotFoundError(
+                f"model path {name_or_path!r} does not exist: give a diffusers-layout directory, a hub id, or 'tiny'"
+            )
+        if missing:
+            raise ModelNotFoundError(f"model path {name_or_path!r} lacks {', '.join(missing)}/ (diffusers layout expected)")
+
+
+def save_components(comps: Components, directory: str | os.PathLike) -> None:
+    """Write components in diffusers layout, model_index.json included (``StableDiffusionPipeline.from_pretrained``)."""
+    from diffusers import StableDiffusionPipeline
+
+    pipe = StableDiffusionPipeline(
+        vae=comps.vae,
+        text_encoder=comps.text_encoder,
+        tokenizer=comps.tokenizer,
+        unet=comps.unet,
+        scheduler=comps.scheduler,
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+    pipe.save_pretrained(directory)

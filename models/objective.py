@@ -1,0 +1,165 @@
+"""The one objective: a weighted sum of per-sample terms (DESIGN.md, "The math, once").
+
+    loss = - reward_weight * R(x_0, c) + kl_coeff * KL + denoise_weight * D + prior_weight * P
+
+Each term is a pure function of tensors returning one value per sample [B];
+``Objective`` computes only the terms whose weight is non-zero and never
+branches on which preset (draftplus, draft, dreambooth, ...) picked the weights.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+from models.policy import Policy
+from models.sampler import SamplerSettings, sample
+
+Reward = Callable[[torch.Tensor, list[str]], torch.Tensor]  # (images [B,3,H,W] in [0,1], prompts) -> [B]
+
+
+# ---- terms: pure functions, one value per sample -------------------------------------------
+
+
+def reward_term(rewards: torch.Tensor) -> torch.Tensor:
+    """-R per sample: minimising it maximises the reward. rewards [B] -> [B]."""
+    return -rewards
+
+
+def kl_term(eps: torch.Tensor, eps_ref: torch.Tensor) -> torch.Tensor:
+    """DRaFT+ KL surrogate: mean over elements of (eps - eps_ref)^2, averaged over the K steps.
+
+    eps, eps_ref [K, B, C, h, w] (CFG-combined) -> [B]. Equal to NeMo-Aligner's
+    sum((eps - eps_ref)^2) / numel per step, averaged over steps.
+    """
+    sq = (eps - eps_ref.detach()).pow(2).flatten(2)  # [K, B, C*h*w]
+    return sq.mean(dim=2).mean(dim=0)  # [B]
+
+
+def denoise_term(
+    pred: torch.Tensor,
+    target: torch.Tensor,
+    weight: torch.Tensor | None = None,
+    mask: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Weighted masked MSE per sample: w * mean_{mask}((pred - target)^2).
+
+    pred, target [B, C, h, w]; weight [B] (e.g. min-SNR) or None; mask [B, 1 or C, h, w]
+    in {0, 1} or None (mean over the masked elements; an empty mask gives 0) -> [B].
+    """
+    sq = (pred.float() - target.float()).pow(2)  # [B, C, h, w]
+    if mask is None:
+        per_sample = sq.flatten(1).mean(dim=1)
+    else:
+        mask = mask.float().expand_as(sq)
+        per_sample = (sq * mask).flatten(1).sum(1) / mask.flatten(1).sum(1).clamp(min=1)
+    return per_sample if weight is None else per_sample * weight
+
+
+def min_snr_weight(snr: torch.Tensor, gamma: float, prediction_type: str) -> torch.Tensor:
+    """Min-SNR-gamma loss weight (Hang et al. 2023): min(snr, g)/snr for eps, min(snr, g)/(snr+1) for v."""
+    clipped = snr.clamp(max=gamma)
+    if prediction_type == "epsilon":
+        return clipped / snr
+    if prediction_type == "v_prediction":
+        return clipped / (snr + 1)
+    raise ValueError(f"min-SNR weighting needs prediction_type epsilon or v_prediction, got {prediction_type!r}")
+
+
+def snr(alphas_cumprod: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
+    """Signal-to-noise ratio alpha_bar / (1 - alpha_bar) at each timestep. [T], [B] -> [B]."""
+    a = alphas_cumprod.to(timesteps.device)[timesteps].float()
+    return a / (1 - a)
+
+
+# ---- the weighted sum ------------------------------------------------------------------------
+
+
+@dataclass
+class Weights:
+    """Term weights; a preset is a choice of these (DESIGN.md table)."""
+
+    reward: float = 1.0
+    kl: float = 0.0  # kl_coeff (beta); 0 is plain DRaFT
+    denoise: float = 0.0
+    prior: float = 0.0  # DreamBooth prior preservation (lambda)
+
+
+class Objective:
+    """objective(policy, batch) -> (loss, metrics).
+
+    batch keys: ``prompts`` (list[str]) and ``generator`` for the reward terms;
+    ``latents`` [B,C,h,w], ``prompts`` and ``generator`` for denoise; ``class_latents``
+    and ``class_prompts`` for prior. Metrics are detached scalars (no host sync).
+    """
+
+    def __init__(
+        self,
+        weights: Weights,
+        sampler: SamplerSettings,
+        reward: Reward | None = None,
+        min_snr_gamma: float | None = None,
+    ):
+        if not (weights.reward or weights.kl or weights.denoise or weights.prior):
+            raise ValueError("at least one term weight must be non-zero")
+        if (weights.reward or weights.kl) and reward is None:
+            raise ValueError("reward and kl terms need a reward function")
+        self.w = weights
+        self.sampler = sampler
+        self.reward = reward
+        self.min_snr_gamma = min_snr_gamma
+
+    def __call__(self, policy: Policy, batch: dict) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        total, metrics = 0.0, {}
+        if self.w.reward or self.w.kl:
+            total, metrics = self._sampled_terms(policy, batch)
+        if self.w.denoise:
+            d = denoise_loss(policy, batch["latents"], batch["prompts"], batch["generator"], self.min_snr_gamma)
+            total = total + self.w.denoise * d
+            metrics["denoise"] = d.detach().mean()
+        if self.w.prior:
+            p = denoise_loss(policy, batch["class_latents"], batch["class_prompts"], batch["generator"], self.min_snr_gamma)
+            total = total + self.w.prior * p.mean()  # class batch size may differ: mean first
+            metrics["prior"] = p.detach().mean()
+        loss = total.mean()
+        metrics["loss"] = loss.detach()
+        return loss, metrics
+
+    def _sampled_terms(self, policy: Policy, batch: dict) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        out = sample(policy, batch["prompts"], self.sampler, batch["generator"], with_ref=self.w.kl > 0)
+        rewards = self.reward(out.images, batch["prompts"])  # [B]
+        total = self.w.reward * reward_term(rewards)
+        metrics = {"reward": rewards.detach().mean(), "reward_std": rewards.detach().std(unbiased=False)}
+        if self.w.kl:
+            kl = kl_term(out.eps, out.eps_ref)  # [B]
+            total = total + self.w.kl * kl
+            metrics["kl"] = kl.detach().mean()
+        return total, metrics
+
+
+def denoise_loss(
+    policy: Policy,
+    latents: torch.Tensor,
+    prompts: list[str],
+    generator: torch.Generator | None,
+    min_snr_gamma: float | None = None,
+    mask: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Supervised diffusion loss on data latents (already scaled by the VAE factor): [B, C, h, w] -> [B].
+
+    t ~ U{0..T_train-1}, eps ~ N(0, I), x_t = add_noise(x_0, eps, t); target eps or v
+    according to the scheduler's prediction_type; optional min-SNR weight.
+    """
+    sched = policy.components.scheduler
+    b = latents.shape[0]
+    noise = torch.randn(latents.shape, generator=generator, dtype=latents.dtype).to(latents.device)
+    t = torch.randint(0, sched.config.num_train_timesteps, (b,), generator=generator).to(latents.device)
+    noisy = sched.add_noise(latents, noise, t)
+    kind = sched.config.prediction_type
+    target = noise if kind == "epsilon" else sched.get_velocity(latents, noise, t)
+    cond = policy.encode_prompts(list(prompts))  # [B, L, D]
+    pred = policy.net(noisy, t, encoder_hidden_states=cond, return_dict=False)[0]
+    weight = None if min_snr_gamma is None else min_snr_weight(snr(sched.alphas_cumprod, t), min_snr_gamma, kind)
+    return denoise_term(pred, target, weight, mask)

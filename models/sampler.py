@@ -1,0 +1,116 @@
+"""Sampling with truncated backpropagation (DRaFT-K) and classifier-free guidance.
+
+For t = T..1: eps = eps_u + w (eps_c - eps_u); x_{t-1} = scheduler.step(eps, t, x_t).
+Steps T..K+1 run without gradient, the last K with gradient (DRaFT, Clark et al.
+2023, sec. 4: K = 1 is DRaFT-1/DRaFT+; K = T is full backpropagation). At each
+gradient step the frozen reference predicts eps_ref on the same x_t, without
+gradient (DRaFT+, NeMo-Aligner semantics), for the KL term.
+
+With the same seed, scheduler, steps and guidance, ``sample`` reproduces
+diffusers' ``StableDiffusionPipeline`` image for image: the initial noise is
+drawn with ``randn_tensor`` from the same generator, the prompts are encoded
+the same way and the same scheduler steps are taken.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from diffusers.utils.torch_utils import randn_tensor
+from torch.utils.checkpoint import checkpoint
+
+from models.policy import Policy
+
+
+@dataclass(frozen=True)
+class SamplerSettings:
+    """How images are drawn (DESIGN.md, "The math, once")."""
+
+    steps: int = 50  # T, denoising steps
+    guidance: float = 7.5  # classifier-free guidance scale w (<= 1 disables CFG)
+    eta: float = 0.0  # DDIM eta: 0 deterministic, 1 DDPM-like
+    truncation_steps: int = 1  # K, the last K steps carry gradient (1 <= K <= T)
+    height: int = 512  # pixels
+    width: int = 512  # pixels
+    negative_prompt: str = ""  # the unconditional text ("" as in diffusers)
+    gradient_checkpointing: bool = False  # recompute UNet activations of gradient steps in backward
+
+    def __post_init__(self):
+        if self.steps < 1:
+            raise ValueError(f"steps must be >= 1, got {self.steps}")
+        if not 1 <= self.truncation_steps <= self.steps:
+            raise ValueError(f"truncation_steps K must satisfy 1 <= K <= steps ({self.steps}), got {self.truncation_steps}")
+
+
+@dataclass
+class SampleOutput:
+    """What one sampling pass produced; the objective reads what it needs."""
+
+    images: torch.Tensor  # [B, 3, H, W] in [0, 1]
+    latents: torch.Tensor  # [B, C, h, w] final latents (decoded into images)
+    eps: torch.Tensor | None = None  # [K, B, C, h, w] policy eps at the gradient steps (CFG-combined)
+    eps_ref: torch.Tensor | None = None  # [K, B, C, h, w] reference eps on the same x_t (no grad)
+    timesteps: list[int] = field(default_factory=list)  # the K gradient steps' t
+
+
+def initial_latents(policy: Policy, batch: int, settings: SamplerSettings, generator, device, dtype) -> torch.Tensor:
+    """x_T the way StableDiffusionPipeline.prepare_latents draws it: [B, C, H/f, W/f] * init_noise_sigma."""
+    comps = policy.components
+    f = comps.vae_scale_factor
+    if settings.height % f or settings.width % f:
+        raise ValueError(f"height and width must be multiples of {f}, got {settings.height}x{settings.width}")
+    shape = (batch, comps.unet.config.in_channels, settings.height // f, settings.width // f)
+    return randn_tensor(shape, generator=generator, device=device, dtype=dtype) * comps.scheduler.init_noise_sigma
+
+
+def sample(
+    policy: Policy,
+    prompts: list[str],
+    settings: SamplerSettings,
+    generator: torch.Generator | list[torch.Generator] | None = None,
+    *,
+    with_ref: bool = False,
+    track_grad: bool = True,
+    latents: torch.Tensor | None = None,
+) -> SampleOutput:
+    """Draw one image per prompt; gradient flows through the last K steps when ``track_grad``."""
+    comps = policy.components
+    scheduler = comps.scheduler
+    unet_param = next(comps.unet.parameters())
+    cond = policy.encode_prompts([settings.negative_prompt] * len(prompts) + list(prompts))  # [2B, L, D]
+    if latents is None:
+        latents = initial_latents(policy, len(prompts), settings, generator, unet_param.device, cond.dtype)
+    scheduler.set_timesteps(settings.steps, device=unet_param.device)
+    timesteps = scheduler.timesteps
+    first_grad = len(timesteps) - settings.truncation_steps
+    eps_all, ref_all, grad_ts = [], [], []
+    for i, t in enumerate(timesteps):
+        grad_step = track_grad and i >= first_grad
+        with torch.set_grad_enabled(grad_step):
+            x_t = scheduler.scale_model_input(latents, t)
+            if grad_step and settings.gradient_checkpointing:
+                eps = checkpoint(policy.eps, x_t, t, cond, settings.guidance, use_reentrant=False)
+            else:
+                eps = policy.eps(x_t, t, cond, settings.guidance)
+            if i >= first_grad:
+                eps_all.append(eps)
+                grad_ts.append(int(t))
+                if with_ref:
+                    ref_all.append(policy.eps_ref(x_t, t, cond, settings.guidance))
+            latents = scheduler.step(eps, t, latents, eta=settings.eta, generator=generator, return_dict=False)[0]
+    images = decode(policy, latents, generator)
+    return SampleOutput(
+        images=images,
+        latents=latents,
+        eps=torch.stack(eps_all),  # [K, B, C, h, w]
+        eps_ref=torch.stack(ref_all) if with_ref else None,  # [K, B, C, h, w]
+        timesteps=grad_ts,
+    )
+
+
+def decode(policy: Policy, latents: torch.Tensor, generator=None) -> torch.Tensor:
+    """Latents -> images in [0, 1] through the frozen VAE (differentiable), as the pipeline does."""
+    vae = policy.components.vae
+    pixels = vae.decode(latents / vae.config.scaling_factor, return_dict=False, generator=generator)[0]  # [-1, 1]
+    return (pixels / 2 + 0.5).clamp(0, 1)

@@ -1,0 +1,237 @@
+"""The config schema: every field says its meaning and unit; "per worker" where so.
+
+``Config()`` with no arguments IS the embedded default: DRaFT+ on the built-in
+tiny model with the weight-free colourfulness reward, small enough for a
+2-core CPU in minutes. YAML presets in configs/ override only what differs.
+Unknown keys are errors. Derived sizes:
+
+    global batch (prompts per optimizer step) = train.batch_size * train.grad_accum * ray.num_workers
+    images per evaluation                     = len(data.eval_prompts) * len(data.eval_seeds)
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from rayjobs.errors import UserError
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class ModelConfig(_Strict):
+    name_or_path: str = Field("tiny", description="'tiny' (built in, seeded, no download), a local diffusers-layout directory, or a hub id")
+    revision: str | None = Field(None, description="hub revision (branch, tag or commit) when name_or_path is a hub id")
+    dtype: Literal["float32", "bfloat16", "float16"] = Field(
+        "float32", description="compute dtype of the frozen weights; trainable weights always stay float32"
+    )
+
+
+class TrainableConfig(_Strict):
+    kind: Literal["lora", "full"] = Field("lora", description="'lora': UNet LoRA through peft; 'full': every UNet weight")
+    lora_rank: int = Field(4, ge=1, description="LoRA rank r")
+    lora_alpha: float | None = Field(None, gt=0, description="LoRA alpha; scale = alpha / r. None = r (scale 1)")
+    lora_targets: list[str] = Field(
+        ["to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "ff.net.2", "conv1", "conv2", "conv_out"],
+        min_length=1,
+        description="UNet module names (suffixes) that get LoRA. Default: attention, feed-forward and convolutions "
+        "(the random tiny model barely moves with attention-only LoRA); SD presets use attention only",
+    )
+    gradient_checkpointing: bool = Field(False, description="recompute UNet activations of the K gradient steps in backward (less memory, ~30% slower)")
+
+
+class SamplerConfig(_Strict):
+    steps: int = Field(10, ge=1, description="T, DDIM denoising steps per image")
+    guidance: float = Field(3.0, ge=0, description="classifier-free guidance scale w (<= 1 disables CFG)")
+    eta: float = Field(0.0, ge=0, le=1, description="DDIM eta (0 deterministic)")
+    truncation_steps: int = Field(
+        5,
+        ge=1,
+        description="K: gradient flows through the last K steps (1 = DRaFT-1/DRaFT+ as in the papers, T = full backprop). "
+        "The embedded default uses 5: on the random tiny model the last step alone scales eps by ~0.04 and K=1 barely learns",
+    )
+    height: int = Field(32, ge=8, description="image height, pixels (multiple of the VAE factor, 8 for SD)")
+    width: int = Field(32, ge=8, description="image width, pixels")
+    negative_prompt: str = Field("", description="text of the unconditional branch of CFG")
+
+    @model_validator(mode="after")
+    def _k_le_t(self):
+        if self.truncation_steps > self.steps:
+            raise ValueError(f"truncation_steps (K={self.truncation_steps}) must be <= steps (T={self.steps})")
+        return self
+
+
+class ObjectiveConfig(_Strict):
+    preset: Literal["draftplus", "draft"] = Field(
+        "draftplus", description="draftplus: reward + kl_coeff * KL; draft: reward only (kl_coeff 0)"
+    )
+    reward_weight: float = Field(1.0, gt=0, description="weight of -reward in the loss")
+    kl_coeff: float | None = Field(
+        None, ge=0, description="beta, weight of the KL on CFG-combined eps (per-element mean). None = preset's (draftplus 0.1, draft 0)"
+    )
+
+    @model_validator(mode="after")
+    def _preset_kl(self):
+        if self.preset == "draft" and self.kl_coeff:
+            raise ValueError("preset 'draft' means kl_coeff 0; use preset 'draftplus' for a KL term")
+        return self
+
+    @property
+    def beta(self) -> float:
+        if self.kl_coeff is not None:
+            return self.kl_coeff
+        return {"draftplus": 0.1, "draft": 0.0}[self.preset]
+
+
+class RewardConfig(_Strict):
+    name: str = Field("colorfulness", description="registered reward name (see rewards.REWARDS)")
+    kwargs: dict[str, Any] = Field(default_factory=dict, description="the reward's own settings, passed to its builder")
+
+
+class DiversityConfig(_Strict):
+    name: str = Field("pairwise_rms", description="registered diversity metric (see rewards.DIVERSITY_METRICS)")
+    kwargs: dict[str, Any] = Field(default_factory=dict, description="the metric's own settings")
+
+
+DEFAULT_PROMPTS = [
+    "a red circle on a blue background",
+    "a green square on a white background",
+    "a yellow star on a black background",
+    "a purple triangle on a grey background",
+]
+
+
+class DataConfig(_Strict):
+    prompts: list[str] = Field(DEFAULT_PROMPTS, min_length=1, description="training prompts, drawn uniformly (ignored when prompts_file is set)")
+    prompts_file: str | None = Field(None, description="text file, one prompt per line (blank lines skipped); replaces prompts")
+    eval_prompts: list[str] = Field(DEFAULT_PROMPTS, min_length=1, description="fixed evaluation prompts (rows of the sample grid)")
+    eval_seeds: list[int] = Field([0, 1, 2, 3], min_length=2, description="one image per seed per eval prompt (grid columns); >= 2 for diversity")
+
+
+class OptimConfig(_Strict):
+    lr: float = Field(1e-2, gt=0, description="AdamW peak learning rate")
+    betas: tuple[float, float] = Field((0.9, 0.999), description="AdamW betas")
+    weight_decay: float = Field(0.0, ge=0, description="AdamW decoupled weight decay")
+    eps: float = Field(1e-8, gt=0, description="AdamW epsilon")
+    warmup_steps: int = Field(2, ge=0, description="linear warmup from 0 to lr, optimizer steps")
+    grad_clip: float = Field(10.0, ge=0, description="max global gradient norm (0 disables clipping)")
+
+
+class TrainConfig(_Strict):
+    steps: int = Field(30, ge=1, description="optimizer steps")
+    batch_size: int = Field(2, ge=1, description="prompts (images) per micro-batch, per worker")
+    grad_accum: int = Field(1, ge=1, description="micro-batches per optimizer step, per worker")
+    eval_every: int = Field(10, ge=0, description="optimizer steps between evaluations (0: only before and after training)")
+    checkpoint_every: int = Field(10, ge=1, description="optimizer steps between checkpoints (and always at the end)")
+    seed: int = Field(0, description="base seed; rank r draws prompts and noise from a seed mixed from (seed, r, step, micro-batch)")
+
+
+class RayConfig(_Strict):
+    num_workers: int = Field(1, ge=1, description="Ray Train workers (data-parallel ranks)")
+    use_gpu: bool = Field(False, description="one GPU per worker, NCCL; False = CPU and gloo")
+    cpus_per_worker: float = Field(1.0, gt=0, description="CPU cores reserved per worker")
+    address: str | None = Field(None, description="Ray cluster to join ('auto', 'ray://host:10001'); None = $RAY_ADDRESS, else start a local Ray")
+    max_failures: int = Field(2, ge=0, description="times the worker group restarts from the latest checkpoint after a failure")
+    storage_path: str | None = Field(None, description="where Ray Train keeps checkpoints (s3://, gs://, NFS for multi-node); None = <run dir>")
+
+
+class RunConfig(_Strict):
+    name: str | None = Field(None, pattern=r"^[A-Za-z0-9._-]+$", description="run directory name; starting a run with an existing name resumes it. None = <preset>-<timestamp>")
+    output_dir: str = Field("runs", description="parent directory of run directories")
+
+
+class Config(_Strict):
+    run: RunConfig = RunConfig()
+    model: ModelConfig = ModelConfig()
+    trainable: TrainableConfig = TrainableConfig()
+    sampler: SamplerConfig = SamplerConfig()
+    objective: ObjectiveConfig = ObjectiveConfig()
+    reward: RewardConfig = RewardConfig()
+    diversity: DiversityConfig = DiversityConfig()
+    data: DataConfig = DataConfig()
+    optim: OptimConfig = OptimConfig()
+    train: TrainConfig = TrainConfig()
+    ray: RayConfig = RayConfig()
+
+
+# ---- loading ---------------------------------------------------------------------------------
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Config:
+    """YAML file (None = embedded default) + dotted ``key=value`` overrides -> validated Config.
+
+    Raises UserError with one line naming the file or field on any problem.
+    """
+    data: dict = {}
+    if path is not None:
+        data = _read_yaml(Path(path))
+    for item in overrides:
+        _apply_override(data, item)
+    try:
+        return Config.model_validate(data)
+    except ValidationError as err:
+        e = err.errors()[0]
+        where = ".".join(str(p) for p in e["loc"]) or "config"
+        if e["type"] == "extra_forbidden":
+            raise UserError(f"config {where}: unknown key (see rayjobs/config.py for the fields)") from None
+        msg = e["msg"].removeprefix("Value error, ")
+        got = "" if isinstance(e["input"], dict) else f" (got {e['input']!r})"
+        raise UserError(f"config {where}: {msg}{got}") from None
+
+
+def _read_yaml(path: Path, chain: tuple[Path, ...] = ()) -> dict:
+    if path.resolve() in chain:
+        raise UserError(f"config file {path}: 'extends' forms a cycle")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as err:
+        raise UserError(f"config file {path}: cannot read ({err.strerror or err})") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as err:
+        raise UserError(f"config file {path}: not valid YAML ({str(err).splitlines()[0]})") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise UserError(f"config file {path}: top level must be a mapping of sections")
+    base = data.pop("extends", None)
+    if base is None:
+        return data
+    # A preset builds on a base: `extends: other.yaml` (relative to this file), then this file's keys win.
+    return _merge(_read_yaml(path.parent / str(base), chain + (path.resolve(),)), data)
+
+
+def _merge(base: dict, top: dict) -> dict:
+    """Deep merge: sections merge key by key, any other value in ``top`` replaces the base's."""
+    out = dict(base)
+    for key, value in top.items():
+        out[key] = _merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+    return out
+
+
+def _apply_override(data: dict, item: str) -> None:
+    key, sep, raw = item.partition("=")
+    if not sep or not key:
+        raise UserError(f"override {item!r}: expected key=value with a dotted key, e.g. objective.kl_coeff=0.5")
+    try:
+        value = yaml.safe_load(raw) if raw else ""
+    except yaml.YAMLError:
+        value = raw
+    node = data
+    parts = key.split(".")
+    for part in parts[:-1]:
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise UserError(f"override {item!r}: {part} is not a section")
+        node = child
+    node[parts[-1]] = value
+
+
+def to_yaml(cfg: Config) -> str:
+    """The resolved config as YAML (what the run directory's config.yaml holds)."""
+    return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)

@@ -1,0 +1,13 @@
+"""User-facing errors: one line, exit status 2, nothing half-written."""
+
+
+class UserError(Exception):
+    """Bad input from the user (config, paths, prompts). The CLI prints it as one line and exits 2."""
+
+    exit_code = 2
+
+
+class TrainingStopped(Exception):
+    """Training stopped itself for a reason the user must see (e.g. a non-finite loss). Exit 1."""
+
+    exit_code = 1

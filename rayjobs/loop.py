@@ -1,0 +1,279 @@
+"""The per-worker training loop: importable and runnable without Ray.
+
+``train_loop(cfg, run_dir, ctx)`` runs on every rank. ``ctx`` (a WorkerContext)
+is the only thing that differs between a plain in-process run (LocalContext)
+and a Ray Train worker (rayjobs.train.RayContext): rank, world size, device,
+``report`` and the latest checkpoint. The loop calls ``objective(policy,
+batch)`` and never branches on the preset.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import random
+import shutil
+import tempfile
+import time
+from pathlib import Path
+from typing import Protocol
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+import rewards
+from models.components import load_components
+from models.export import export
+from models.objective import Objective, Weights, kl_term
+from models.policy import Policy
+from models.sampler import SamplerSettings, sample
+from rayjobs import checkpoint
+from rayjobs.config import Config
+from rayjobs.errors import UserError
+from rayjobs.runlog import RunLog
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+STOP_FILE = "STOPPED"  # written by rank 0 when training stops itself (non-finite loss)
+
+
+class WorkerContext(Protocol):
+    rank: int
+    world_size: int
+    device: torch.device
+
+    def report(self, metrics: dict, checkpoint_dir: Path | None) -> None: ...
+
+    def latest_checkpoint(self) -> contextlib.AbstractContextManager[Path | None]: ...
+
+
+class LocalContext:
+    """One process, no Ray: checkpoints go to <run_dir>/checkpoints/local_step_N."""
+
+    rank, world_size = 0, 1
+
+    def __init__(self, run_dir: Path, device: str | torch.device = "cpu"):
+        self.root = Path(run_dir) / "checkpoints"
+        self.device = torch.device(device)
+        self.reports: list[dict] = []
+
+    def report(self, metrics: dict, checkpoint_dir: Path | None) -> None:
+        self.reports.append(dict(metrics))
+        if checkpoint_dir is not None:
+            target = self.root / f"local_step_{metrics['step']:06d}"
+            shutil.rmtree(target, ignore_errors=True)
+            shutil.copytree(checkpoint_dir, target)
+
+    @contextlib.contextmanager
+    def latest_checkpoint(self):
+        found = sorted(self.root.glob("local_step_*")) if self.root.exists() else []
+        yield found[-1] if found else None
+
+
+def load_prompts(cfg: Config) -> list[str]:
+    """Training prompts from data.prompts_file (one per line) or data.prompts."""
+    if cfg.data.prompts_file is None:
+        return list(cfg.data.prompts)
+    path = Path(cfg.data.prompts_file)
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as err:
+        raise UserError(f"data.prompts_file {path}: cannot read ({getattr(err, 'strerror', None) or err})") from None
+    prompts = [line.strip() for line in lines if line.strip()]
+    if not prompts:
+        raise UserError(f"data.prompts_file {path}: no prompts (expected one prompt per line)")
+    return prompts
+
+
+def sampler_settings(cfg: Config) -> SamplerSettings:
+    s = cfg.sampler
+    return SamplerSettings(
+        steps=s.steps,
+        guidance=s.guidance,
+        eta=s.eta,
+        truncation_steps=s.truncation_steps,
+        height=s.height,
+        width=s.width,
+        negative_prompt=s.negative_prompt,
+        gradient_checkpointing=cfg.trainable.gradient_checkpointing,
+    )
+
+
+def _seed(*parts: int) -> int:
+    """A well-mixed 63-bit seed from (base seed, rank, step, micro-batch, ...)."""
+    return int(np.random.SeedSequence([p & 0xFFFFFFFF for p in parts]).generate_state(2, np.uint64)[0] >> 1)
+
+
+class Worker:
+    """Everything one rank holds: policy, objective, optimizer, schedule, reward, metric."""
+
+    def __init__(self, cfg: Config, ctx: WorkerContext):
+        self.cfg, self.ctx = cfg, ctx
+        self.dtype = DTYPES[cfg.model.dtype]
+        torch.manual_seed(cfg.train.seed)  # the same LoRA init on every rank, whatever the world size
+        comps = load_components(cfg.model.name_or_path, cfg.model.revision)
+        t = cfg.trainable
+        self.policy = Policy(comps, t.kind, t.lora_rank, t.lora_alpha, tuple(t.lora_targets), t.gradient_checkpointing)
+        torch.manual_seed(_seed(cfg.train.seed, ctx.rank))  # from here on ranks draw differently
+        self.policy.to(ctx.device, self.dtype)
+        if ctx.world_size > 1:
+            # DDP averages gradients across ranks in backward. LoRA/full leave no unused parameters.
+            ids = [ctx.device.index] if ctx.device.type == "cuda" else None
+            self.policy.net = torch.nn.parallel.DistributedDataParallel(self.policy.unet, device_ids=ids)
+        self.reward = rewards.build_reward(cfg.reward.name, **cfg.reward.kwargs)
+        if isinstance(self.reward, torch.nn.Module):
+            self.reward.to(ctx.device)
+        self.diversity = rewards.build_diversity(cfg.diversity.name, **cfg.diversity.kwargs)
+        self.settings = sampler_settings(cfg)
+        weights = Weights(reward=cfg.objective.reward_weight, kl=cfg.objective.beta)
+        self.objective = Objective(weights, self.settings, self.reward)
+        o = cfg.optim
+        self.params = self.policy.parameters()
+        self.optimizer = torch.optim.AdamW(self.params, lr=o.lr, betas=o.betas, weight_decay=o.weight_decay, eps=o.eps)
+        warm = max(o.warmup_steps, 0)
+        self.schedule = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda s: min(1.0, (s + 1) / (warm + 1)))
+        self.prompts = load_prompts(cfg)
+
+    def autocast(self):
+        return torch.autocast(self.ctx.device.type, dtype=self.dtype, enabled=self.dtype != torch.float32)
+
+    def batch(self, step: int, micro: int) -> dict:
+        """Prompts drawn uniformly and a noise generator, both seeded by (seed, rank, step, micro)."""
+        seed = _seed(self.cfg.train.seed, self.ctx.rank, step, micro)
+        prompts = random.Random(seed).choices(self.prompts, k=self.cfg.train.batch_size)
+        return {"prompts": prompts, "generator": torch.Generator().manual_seed(seed)}
+
+    def train_step(self, step: int) -> dict[str, float]:
+        """One optimizer step over grad_accum micro-batches; metrics averaged over ranks.
+
+        Returns metrics including ``finite`` (0.0 when any rank saw a non-finite loss or
+        gradient norm, in which case no update was applied).
+        """
+        accum = self.cfg.train.grad_accum
+        self.optimizer.zero_grad(set_to_none=True)
+        totals: dict[str, torch.Tensor] = {}
+        for micro in range(accum):
+            last = micro == accum - 1
+            no_sync = self.policy.net.no_sync() if (not last and self.ctx.world_size > 1) else contextlib.nullcontext()
+            with no_sync, self.autocast():
+                loss, metrics = self.objective(self.policy, self.batch(step, micro))
+                (loss / accum).backward()
+            for k, v in metrics.items():
+                totals[k] = totals.get(k, 0.0) + v.float() / accum
+        clip = self.cfg.optim.grad_clip if self.cfg.optim.grad_clip > 0 else math.inf
+        totals["grad_norm"] = torch.nn.utils.clip_grad_norm_(self.params, clip).float()
+        keys = sorted(totals)
+        stats = torch.stack([totals[k].to(self.ctx.device) for k in keys])  # [M]
+        bad = (~torch.isfinite(stats)).any().float().reshape(1)
+        stats = torch.cat([stats, bad])  # [M + 1]
+        if self.ctx.world_size > 1:
+            dist.all_reduce(stats)  # sum over ranks
+            stats[:-1] /= self.ctx.world_size
+        values = stats.tolist()  # the one host sync per optimizer step
+        out = dict(zip(keys, values[:-1]))
+        out["finite"] = float(values[-1] == 0)
+        if out["finite"]:
+            out["lr"] = self.schedule.get_last_lr()[0]
+            self.optimizer.step()
+            self.schedule.step()
+        return out
+
+    @torch.no_grad()
+    def evaluate(self) -> tuple[dict[str, float], list[torch.Tensor]]:
+        """Fixed eval prompts x fixed seeds: reward mean/std, KL to the reference, diversity."""
+        net, self.policy.net = self.policy.net, self.policy.unet  # rank 0 alone: bypass DDP
+        rewards_, kls, images = [], [], []
+        try:
+            for prompt in self.cfg.data.eval_prompts:
+                seeds = self.cfg.data.eval_seeds
+                gens = [torch.Generator().manual_seed(s) for s in seeds]
+                with self.autocast():
+                    out = sample(self.policy, [prompt] * len(seeds), self.settings, gens, with_ref=True, track_grad=False)
+                    rewards_.append(self.reward(out.images, [prompt] * len(seeds)).float())
+                kls.append(kl_term(out.eps, out.eps_ref).float())
+                images.append(out.images.float().cpu())  # [N, 3, H, W]
+        finally:
+            self.policy.net = net
+        r = torch.cat(rewards_)  # [P * N]
+        metrics = {
+            "eval/reward_mean": float(r.mean()),
+            "eval/reward_std": float(r.std(unbiased=False)),
+            "eval/kl": float(torch.cat(kls).mean()),
+            f"eval/diversity_{self.cfg.diversity.name}": self.diversity(images),
+        }
+        return metrics, images
+
+    def save(self, directory: Path, step: int) -> None:
+        checkpoint.save(directory, self.ctx.rank, step, self.policy.trainable_state_dict(), self.optimizer, self.schedule)
+
+    def restore(self) -> int:
+        """Loads the latest checkpoint if there is one; returns the optimizer steps already done."""
+        with self.ctx.latest_checkpoint() as directory:
+            if directory is None:
+                return 0
+            step, weights = checkpoint.load(directory, self.ctx.rank, self.optimizer, self.schedule)
+        self.policy.load_trainable_state_dict(weights)
+        return step
+
+
+def train_loop(cfg: Config, run_dir: Path, ctx: WorkerContext) -> None:
+    """Train on this rank until cfg.train.steps, evaluating, logging and checkpointing on the way."""
+    run_dir = Path(run_dir)
+    worker = Worker(cfg, ctx)
+    start = worker.restore()
+    log = RunLog(run_dir) if ctx.rank == 0 else None
+    total, every = cfg.train.steps, cfg.train.eval_every
+    try:
+        if log is not None:
+            if start == 0:
+                _evaluate(worker, log, 0)
+            else:
+                log.log(start, {"resumed_from_step": start})
+        for step in range(start, total):
+            t0 = time.perf_counter()
+            metrics = worker.train_step(step)
+            done = step + 1
+            metrics["step_time_s"] = time.perf_counter() - t0
+            if not metrics["finite"]:
+                _stop(run_dir, log, done, metrics)
+                return
+            if log is not None:
+                log.log(done, metrics)
+            is_eval = done == total or (every and done % every == 0)
+            is_ckpt = done == total or done % cfg.train.checkpoint_every == 0
+            if is_eval and log is not None:
+                metrics.update(_evaluate(worker, log, done))
+            if is_eval or is_ckpt:
+                _report(worker, ctx, done, metrics, is_ckpt)
+        if log is not None:
+            export(worker.policy, run_dir / "export")
+    finally:
+        if log is not None:
+            log.close()
+
+
+def _evaluate(worker: Worker, log: RunLog, step: int) -> dict[str, float]:
+    metrics, images = worker.evaluate()
+    metrics["eval/grid"] = str(log.grid(step, images))
+    log.log(step, metrics)
+    return metrics
+
+
+def _report(worker: Worker, ctx: WorkerContext, step: int, metrics: dict, with_checkpoint: bool) -> None:
+    """Every rank reports at the same steps (Ray Train requires it); checkpoints from every rank."""
+    payload = {k: v for k, v in metrics.items() if isinstance(v, (int, float))} | {"step": step}
+    if not with_checkpoint:
+        ctx.report(payload, None)
+        return
+    with tempfile.TemporaryDirectory(prefix="draftray-ckpt-") as tmp:
+        worker.save(Path(tmp), step)
+        ctx.report(payload, Path(tmp))
+
+
+def _stop(run_dir: Path, log: RunLog | None, step: int, metrics: dict) -> None:
+    """A non-finite loss or gradient: no update was applied; keep the last good checkpoint and stop."""
+    if log is None:
+        return
+    message = f"non-finite loss or gradient at step {step} (loss={metrics.get('loss')}, grad_norm={metrics.get('grad_norm')}); stopped, last good checkpoint kept"
+    log.log(step, {"stopped": message})
+    (run_dir / STOP_FILE).write_text(message + "\n", encoding="utf-8")

@@ -1,0 +1,73 @@
+"""What a run writes for people to read: metrics.jsonl, TensorBoard events, sample grids.
+
+Written by rank 0 only, into the run directory.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+METRICS_FILE = "metrics.jsonl"
+
+
+def image_grid(images_per_prompt: list[torch.Tensor], min_cell: int = 128) -> np.ndarray:
+    """Rows = prompts, columns = seeds. list of [N, 3, H, W] in [0,1] -> uint8 [rows*H*s, N*W*s, 3].
+
+    Small images are enlarged by an integer factor s (nearest neighbour) so a cell is >= min_cell px.
+    """
+    rows = [torch.cat(list(imgs), dim=2) for imgs in images_per_prompt]  # each [3, H, N*W]
+    grid = torch.cat(rows, dim=1)  # [3, rows*H, N*W]
+    scale = max(1, min_cell // images_per_prompt[0].shape[-2])
+    grid = grid.repeat_interleave(scale, dim=1).repeat_interleave(scale, dim=2)  # [3, rows*H*s, N*W*s]
+    return (grid.clamp(0, 1).permute(1, 2, 0).float().cpu().numpy() * 255).round().astype(np.uint8)
+
+
+class RunLog:
+    """Appends metrics to metrics.jsonl and TensorBoard; saves sample grids as PNG."""
+
+    def __init__(self, run_dir: Path):
+        from torch.utils.tensorboard import SummaryWriter
+
+        self.run_dir = Path(run_dir)
+        (self.run_dir / "samples").mkdir(parents=True, exist_ok=True)
+        self.tb = SummaryWriter(str(self.run_dir / "tensorboard"))
+
+    def log(self, step: int, metrics: dict[str, float]) -> None:
+        record = {"step": step, "time": round(time.time(), 3)}
+        record.update({k: _clean(v) for k, v in metrics.items()})
+        with open(self.run_dir / METRICS_FILE, "a", encoding="utf-8") as f:
+            f.write(json.dumps(record) + "\n")
+        for key, value in metrics.items():
+            if isinstance(value, (int, float)) and math.isfinite(value):
+                self.tb.add_scalar(key, value, step)
+        self.tb.flush()
+
+    def grid(self, step: int, images_per_prompt: list[torch.Tensor]) -> Path:
+        pixels = image_grid(images_per_prompt)
+        path = self.run_dir / "samples" / f"step_{step:06d}.png"
+        Image.fromarray(pixels).save(path)
+        self.tb.add_image("samples", pixels, step, dataformats="HWC")
+        return path
+
+    def close(self) -> None:
+        self.tb.close()
+
+
+def _clean(value):
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)  # JSON has no NaN/inf; keep them readable
+    return value
+
+
+def read_metrics(run_dir: Path) -> list[dict]:
+    path = Path(run_dir) / METRICS_FILE
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]

@@ -1,0 +1,203 @@
+"""Ray Train (V2) glue: one TorchTrainer runs ``train_loop`` on every worker.
+
+With no cluster address a local Ray is started (``address="local"``, so it
+never attaches to another cluster on the host); ``ray.address`` / $RAY_ADDRESS
+joins an existing one. Checkpoints live in <run dir>/checkpoints (or
+``ray.storage_path``); starting a run with the same name resumes from the latest.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import threading
+import time
+from datetime import datetime
+from pathlib import Path
+
+import ray
+import ray.train
+from ray.train.torch import TorchConfig, TorchTrainer
+
+import rewards
+from models.components import ModelNotFoundError, check_model_source
+from rayjobs.config import Config, to_yaml
+from rayjobs.errors import TrainingStopped, UserError
+from rayjobs.loop import STOP_FILE, load_prompts, train_loop
+from rayjobs.runlog import METRICS_FILE, read_metrics
+
+CHECKPOINTS = "checkpoints"
+
+
+class RayContext:
+    """The WorkerContext of a Ray Train worker."""
+
+    def __init__(self):
+        import ray.train.torch
+
+        ctx = ray.train.get_context()
+        self.rank = ctx.get_world_rank()
+        self.world_size = ctx.get_world_size()
+        self.device = ray.train.torch.get_device()
+
+    def report(self, metrics: dict, checkpoint_dir: Path | None) -> None:
+        ckpt = ray.train.Checkpoint.from_directory(str(checkpoint_dir)) if checkpoint_dir else None
+        # Every rank's files land in one directory per step (rank 0: weights, all: RNG state).
+        ray.train.report(metrics, checkpoint=ckpt, checkpoint_dir_name=f"step_{metrics['step']:06d}" if ckpt else None)
+
+    def latest_checkpoint(self):
+        ckpt = ray.train.get_checkpoint()
+        if ckpt is None:
+            from contextlib import nullcontext
+
+            return nullcontext(None)
+        return _as_path(ckpt)
+
+
+class _as_path:
+    def __init__(self, ckpt):
+        self._cm = ckpt.as_directory()
+
+    def __enter__(self):
+        return Path(self._cm.__enter__())
+
+    def __exit__(self, *exc):
+        return self._cm.__exit__(*exc)
+
+
+def _worker_entry(config: dict) -> None:
+    cfg = Config.model_validate(config["cfg"])
+    train_loop(cfg, Path(config["run_dir"]), RayContext())
+
+
+def preflight(cfg: Config) -> None:
+    """Every check that needs no cluster: bad input fails here, before anything is written."""
+    load_prompts(cfg)
+    try:
+        check_model_source(cfg.model.name_or_path)
+    except ModelNotFoundError as err:
+        raise UserError(f"model.name_or_path: {err}") from None
+    for section, build in (("reward", rewards.build_reward), ("diversity", rewards.build_diversity)):
+        spec = getattr(cfg, section)
+        try:
+            build(spec.name, **spec.kwargs)
+        except (rewards.UnknownNameError, ValueError) as err:
+            raise UserError(f"{section}: {err}") from None
+
+
+def run_dir_for(cfg: Config) -> Path:
+    name = cfg.run.name or f"{cfg.objective.preset}-{datetime.now():%Y%m%d-%H%M%S}"
+    return Path(cfg.run.output_dir).resolve() / name
+
+
+def connect(cfg: Config, verbose: bool = False) -> bool:
+    """Joins the configured cluster or starts a local one; returns True if we started it."""
+    if ray.is_initialized():
+        return False
+    address = cfg.ray.address or os.environ.get("RAY_ADDRESS")
+    # Small runs report often: the controller's default 2 s poll would dominate (REFERENCES.md).
+    os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.2")
+    if address:
+        try:
+            ray.init(address=address, log_to_driver=verbose)
+        except Exception as err:  # noqa: BLE001  (ray raises several types here)
+            hint = ""
+            if "auth" in str(err).lower() or "token" in str(err).lower():
+                hint = " (Ray >= 2.59 uses token auth: export RAY_AUTH_TOKEN=$(ray get-auth-token) from the head, or RAY_AUTH_MODE=disabled on both sides)"
+            raise UserError(f"ray.address {address!r}: cannot connect: {str(err).splitlines()[0]}{hint}") from None
+        return False
+    ray.init(address="local", log_to_driver=verbose, include_dashboard=True, configure_logging=False)
+    return True
+
+
+def fit(cfg: Config, verbose: bool = False) -> Path:
+    """Runs (or resumes) training; returns the run directory."""
+    preflight(cfg)
+    run_dir = run_dir_for(cfg)
+    resuming = (run_dir / "config.yaml").exists()
+    started = connect(cfg, verbose)
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / STOP_FILE).unlink(missing_ok=True)
+        (run_dir / "config.yaml").write_text(to_yaml(cfg), encoding="utf-8")
+        if resuming:
+            done = max((m["step"] for m in read_metrics(run_dir)), default=0)
+            print(f"resuming {run_dir.name} (metrics up to step {done})", file=sys.stderr)
+        _fit_trainer(cfg, run_dir)
+    finally:
+        if started:
+            ray.shutdown()
+    stop = run_dir / STOP_FILE
+    if stop.exists():
+        raise TrainingStopped(stop.read_text(encoding="utf-8").strip())
+    return run_dir
+
+
+def _fit_trainer(cfg: Config, run_dir: Path) -> ray.train.Result:
+    r = cfg.ray
+    trainer = TorchTrainer(
+        _worker_entry,
+        train_loop_config={"cfg": cfg.model_dump(mode="json"), "run_dir": str(run_dir)},
+        torch_config=TorchConfig(backend="nccl" if r.use_gpu else "gloo"),
+        scaling_config=ray.train.ScalingConfig(
+            num_workers=r.num_workers, use_gpu=r.use_gpu, resources_per_worker={"CPU": r.cpus_per_worker}
+        ),
+        run_config=ray.train.RunConfig(
+            name=cfg.run.name if r.storage_path else CHECKPOINTS,
+            storage_path=r.storage_path or str(run_dir),
+            failure_config=ray.train.FailureConfig(max_failures=r.max_failures),
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=3),
+        ),
+    )
+    with Progress(run_dir, cfg.train.steps):
+        return trainer.fit()
+
+
+class Progress:
+    """A live progress line on stderr (step, loss, reward, KL, it/s), read from metrics.jsonl."""
+
+    def __init__(self, run_dir: Path, total: int):
+        self.path, self.total = Path(run_dir) / METRICS_FILE, total
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def __enter__(self):
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join(timeout=5)
+
+    def _run(self) -> None:
+        from tqdm import tqdm
+
+        offset = self.path.stat().st_size if self.path.exists() else 0
+        bar = tqdm(total=self.total, file=sys.stderr, desc="train", dynamic_ncols=True, mininterval=0.5)
+        while True:
+            stopping = self._stop.is_set()
+            offset = self._read(bar, offset)
+            if stopping:
+                break
+            time.sleep(0.25)
+        bar.close()
+
+    def _read(self, bar, offset: int) -> int:
+        import json
+
+        if not self.path.exists():
+            return offset
+        with open(self.path, encoding="utf-8") as f:
+            f.seek(offset)
+            for line in f:
+                if not line.endswith("\n"):
+                    break
+                offset += len(line.encode("utf-8"))
+                rec = json.loads(line)
+                if "loss" in rec:
+                    bar.n = rec["step"]
+                    bar.set_postfix(loss=f"{rec['loss']:.4g}", reward=f"{rec.get('reward', float('nan')):.4g}", kl=f"{rec.get('kl', 0.0):.3g}", refresh=False)
+                    bar.refresh()
+                elif "eval/reward_mean" in rec:
+                    bar.write(f"eval step {rec['step']}: reward {rec['eval/reward_mean']:.4g} ± {rec['eval/reward_std']:.3g}, kl {rec['eval/kl']:.3g}")
+        return offset

@@ -1,0 +1,29 @@
+"""Differentiable rewards and diversity metrics behind one contract and a registry.
+
+Reward: ``reward(images, prompts) -> Tensor[B]``, images float [B, 3, H, W] in [0, 1].
+Differentiable by default (no ``no_grad`` inside), frozen weights, no device named:
+the caller picks the device and the grad mode. Never imports ray or models.
+"""
+
+import _draftray_compat  # noqa: F401  (must run before torchvision/transformers import)
+
+from rewards.registry import (  # noqa: E402
+    DIVERSITY_METRICS,
+    REWARDS,
+    UnknownNameError,
+    build_diversity,
+    build_reward,
+    register_diversity,
+    register_reward,
+)
+from rewards import simple, diversity  # noqa: E402,F401  (registers the built-ins)
+
+__all__ = [
+    "REWARDS",
+    "DIVERSITY_METRICS",
+    "UnknownNameError",
+    "build_reward",
+    "build_diversity",
+    "register_reward",
+    "register_diversity",
+]

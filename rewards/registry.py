@@ -1,0 +1,78 @@
+"""Name -> builder registries for rewards and diversity metrics."""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any, Callable, Protocol
+
+import torch
+
+
+class Reward(Protocol):
+    """reward(images [B,3,H,W] in [0,1], prompts: list[str]) -> Tensor[B]; higher is better."""
+
+    def __call__(self, images: torch.Tensor, prompts: list[str]) -> torch.Tensor: ...
+
+
+class DiversityMetric(Protocol):
+    """metric(images_per_prompt: list of [N,3,H,W] in [0,1]) -> float; higher = more diverse. Eval only."""
+
+    def __call__(self, images_per_prompt: list[torch.Tensor]) -> float: ...
+
+
+class UnknownNameError(KeyError):
+    def __str__(self) -> str:  # KeyError quotes its message; keep it one clean line
+        return str(self.args[0])
+
+
+REWARDS: dict[str, Callable[..., Reward]] = {}
+DIVERSITY_METRICS: dict[str, Callable[..., DiversityMetric]] = {}
+
+
+def register_reward(name: str):
+    def deco(builder):
+        REWARDS[name] = builder
+        return builder
+
+    return deco
+
+
+def register_diversity(name: str):
+    def deco(builder):
+        DIVERSITY_METRICS[name] = builder
+        return builder
+
+    return deco
+
+
+def _lookup(table: dict, kind: str, name: str):
+    """A registered name, or 'package.module:Attr' naming a builder to import (user-defined rewards)."""
+    if name in table:
+        return table[name]
+    if ":" in name:
+        module, _, attr = name.partition(":")
+        try:
+            return getattr(importlib.import_module(module), attr)
+        except (ImportError, AttributeError) as err:
+            raise UnknownNameError(f"{kind} {name!r}: cannot import ({err})") from None
+    raise UnknownNameError(f"unknown {kind} {name!r}; known: {', '.join(sorted(table))} (or 'module:Attr')")
+
+
+def _build(table: dict, kind: str, name: str, kwargs: dict[str, Any]):
+    builder = _lookup(table, kind, name)
+    try:
+        return builder(**kwargs)
+    except TypeError as err:
+        raise ValueError(f"{kind} {name!r}: bad arguments {kwargs}: {err}") from err
+
+
+def build_reward(name: str, **kwargs) -> Reward:
+    """A frozen reward module by registry name; kwargs are the reward's own settings."""
+    reward = _build(REWARDS, "reward", name, kwargs)
+    if isinstance(reward, torch.nn.Module):
+        reward.requires_grad_(False).eval()
+    return reward
+
+
+def build_diversity(name: str, **kwargs) -> DiversityMetric:
+    return _build(DIVERSITY_METRICS, "diversity metric", name, kwargs)

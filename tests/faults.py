@@ -1,0 +1,46 @@
+"""Rewards that misbehave on purpose, loaded by import path ('faults:CrashOnce') in tests.
+
+Ray workers import this module by name: the tests put this directory on PYTHONPATH.
+They count training calls only (calls with grad enabled), so evaluation does not shift them.
+"""
+
+import os
+from pathlib import Path
+
+import torch
+
+from rewards.simple import Colorfulness
+
+
+class _Counting(Colorfulness):
+    def __init__(self, at_call: int):
+        super().__init__()
+        self.at_call, self.calls = at_call, 0
+
+    def forward(self, images, prompts):
+        if torch.is_grad_enabled():
+            self.calls += 1
+        return super().forward(images, prompts)
+
+
+class CrashOnce(_Counting):
+    """Kills its worker process (like an OOM kill) at training call ``at_call``, once per marker file."""
+
+    def __init__(self, at_call: int, marker: str):
+        super().__init__(at_call)
+        self.marker = Path(marker)
+
+    def forward(self, images, prompts):
+        out = super().forward(images, prompts)
+        if self.calls == self.at_call and not self.marker.exists():
+            self.marker.touch()
+            os._exit(1)
+        return out
+
+
+class NaNFrom(_Counting):
+    """Returns NaN rewards from training call ``at_call`` on."""
+
+    def forward(self, images, prompts):
+        out = super().forward(images, prompts)
+        return out * float("nan") if self.calls >= self.at_call else out

@@ -1,0 +1,109 @@
+"""Bad input: one line naming the field or file, exit status 2, no traceback, nothing written."""
+
+from pathlib import Path
+
+import pytest
+
+from rayjobs.cli import main
+
+
+def _run(capsys, argv):
+    rc = main(argv)
+    err = capsys.readouterr().err.strip()
+    return rc, err
+
+
+@pytest.mark.parametrize(
+    "override, words",
+    [
+        ("objective.kl_coef=0.1", ["objective.kl_coef", "unknown key"]),
+        ("train.steps=abc", ["train.steps", "integer"]),
+        ("objective.kl_coeff=-1", ["objective.kl_coeff", "greater than or equal to 0"]),
+        ("sampler.truncation_steps=11", ["truncation_steps", "<= steps"]),
+        ("train.steps=0", ["train.steps", "greater than or equal to 1"]),
+        ("sampler.steps=0", ["sampler.steps"]),
+        ("objective.preset=draft", None),  # valid: checked below with a bad one
+        ("model.name_or_path=/nonexistent/sd15", ["model.name_or_path", "/nonexistent/sd15", "does not exist"]),
+        ("reward.name=nope", ["reward", "unknown reward 'nope'", "colorfulness"]),
+        ("reward.kwargs={color: [2, 0, 0]}", ["reward", "color"]),
+        ("noequals", ["override", "key=value"]),
+    ],
+)
+def test_bad_config_values(tmp_path, capsys, override, words):
+    if words is None:
+        override, words = "objective.kl_coeff=0.5", None
+        argv = ["train", "objective.preset=draft", override, f"run.output_dir={tmp_path}/runs"]
+        words = ["objective", "draft"]
+    else:
+        argv = ["train", "train.seed=0", override, f"run.output_dir={tmp_path}/runs"]  # no CONFIG: all overrides
+    rc, err = _run(capsys, argv)
+    assert rc == 2
+    assert len(err.splitlines()) == 1 and err.startswith("draftray: error:"), err
+    for w in words:
+        assert w in err, (w, err)
+    assert not (tmp_path / "runs").exists()
+
+
+def test_bad_config_files(tmp_path, capsys):
+    missing = tmp_path / "missing.yaml"
+    rc, err = _run(capsys, ["train", str(missing)])
+    assert rc == 2 and str(missing) in err and "cannot read" in err
+    broken = tmp_path / "broken.yaml"
+    broken.write_text("train: [unclosed\n")
+    rc, err = _run(capsys, ["train", str(broken)])
+    assert rc == 2 and "not valid YAML" in err and len(err.splitlines()) == 1
+    nested = tmp_path / "nested.yaml"
+    nested.write_text("train:\n  stepz: 3\n")
+    rc, err = _run(capsys, ["train", str(nested)])
+    assert rc == 2 and "train.stepz" in err
+    assert nested.read_text() == "train:\n  stepz: 3\n"  # input untouched
+
+
+@pytest.mark.parametrize("content, words", [("\n  \n", "no prompts"), (None, "cannot read")])
+def test_bad_prompts_file(tmp_path, capsys, content, words):
+    prompts = tmp_path / "prompts.txt"
+    if content is not None:
+        prompts.write_text(content)
+    rc, err = _run(capsys, ["train", f"data.prompts_file={prompts}", f"run.output_dir={tmp_path}/runs"])
+    assert rc == 2 and "data.prompts_file" in err and words in err and str(prompts) in err
+    assert not (tmp_path / "runs").exists()
+
+
+def test_unreadable_prompts_file_binary(tmp_path, capsys):
+    prompts = tmp_path / "prompts.bin"
+    prompts.write_bytes(b"\xff\xfe\x00\x81")
+    rc, err = _run(capsys, ["train", f"data.prompts_file={prompts}", f"run.output_dir={tmp_path}/runs"])
+    assert rc == 2 and "data.prompts_file" in err
+
+
+def test_sample_bad_input(tmp_path, capsys):
+    out = tmp_path / "out"
+    rc, err = _run(capsys, ["sample", "--model", str(tmp_path / "nomodel"), "--prompt", "x", "--out", str(out)])
+    assert rc == 2 and "--model" in err and "nomodel" in err
+    rc, err = _run(capsys, ["sample", "--model", "tiny", "--lora", str(tmp_path), "--prompt", "x", "--out", str(out)])
+    assert rc == 2 and "pytorch_lora_weights.safetensors" in err
+    rc, err = _run(capsys, ["sample", "--model", "tiny", "--height", "30", "--prompt", "x", "--out", str(out)])
+    assert rc == 2 and "--height" in err
+    assert not out.exists()
+
+
+def test_sample_writes_pngs_reproducibly(tmp_path, capsys):
+    from PIL import Image
+    import numpy as np
+
+    argv = ["sample", "--model", "tiny", "--prompt", "a red circle", "--steps", "3", "--num-images", "2", "--seed", "5"]
+    assert main(argv + ["--out", str(tmp_path / "a")]) == 0
+    assert main(argv + ["--out", str(tmp_path / "b")]) == 0
+    printed = capsys.readouterr().out.split()
+    names = sorted(p.name for p in (tmp_path / "a").iterdir())
+    assert names == ["000_seed5.png", "001_seed6.png"] and len(printed) == 4
+    a, b = (np.asarray(Image.open(tmp_path / d / names[0])) for d in ("a", "b"))
+    assert a.shape == (32, 32, 3) and (a == b).all()
+
+
+def test_help(capsys):
+    for cmd in (["--help"], ["train", "--help"], ["sample", "--help"]):
+        with pytest.raises(SystemExit) as exc:
+            main(cmd)
+        assert exc.value.code == 0
+    assert "key=value" in capsys.readouterr().out
