@@ -56,6 +56,23 @@ class Components:
     def modules(self) -> dict[str, torch.nn.Module]:
         return {"unet": self.unet, "vae": self.vae, "text_encoder": self.text_encoder}
 
+    def pipeline(self):
+        """diffusers' StableDiffusionPipeline over these very modules (no safety checker, no progress bar)."""
+        from diffusers import StableDiffusionPipeline
+
+        pipe = StableDiffusionPipeline(
+            vae=self.vae,
+            text_encoder=self.text_encoder,
+            tokenizer=self.tokenizer,
+            unet=self.unet,
+            scheduler=self.scheduler,
+            safety_checker=None,
+            feature_extractor=None,
+            requires_safety_checker=False,
+        )
+        pipe.set_progress_bar_config(disable=True)
+        return pipe
+
 
 def build_tiny(seed: int = TINY_SEED) -> Components:
     """A tiny SD-architecture model, seeded: 32 px images, 4x16x16 latents, 32-d text."""
@@ -152,16 +169,4 @@ def check_model_source(name_or_path: str) -> None:
 
 def save_components(comps: Components, directory: str | os.PathLike) -> None:
     """Write components in diffusers layout, model_index.json included (``StableDiffusionPipeline.from_pretrained``)."""
-    from diffusers import StableDiffusionPipeline
-
-    pipe = StableDiffusionPipeline(
-        vae=comps.vae,
-        text_encoder=comps.text_encoder,
-        tokenizer=comps.tokenizer,
-        unet=comps.unet,
-        scheduler=comps.scheduler,
-        safety_checker=None,
-        feature_extractor=None,
-        requires_safety_checker=False,
-    )
-    pipe.save_pretrained(directory)
+    comps.pipeline().save_pretrained(directory)

@@ -27,8 +27,10 @@ class _Strict(BaseModel):
 class ModelConfig(_Strict):
     name_or_path: str = Field("tiny", description="'tiny' (built in, seeded, no download), a local diffusers-layout directory, or a hub id")
     revision: str | None = Field(None, description="hub revision (branch, tag or commit) when name_or_path is a hub id")
-    dtype: Literal["float32", "bfloat16", "float16"] = Field(
-        "float32", description="compute dtype of the frozen weights; trainable weights always stay float32"
+    dtype: Literal["float32", "bfloat16"] = Field(
+        "float32",
+        description="compute dtype of the frozen weights (autocast); trainable weights always stay float32. "
+        "No float16: it needs loss scaling and SD's VAE overflows in it",
     )
 
 

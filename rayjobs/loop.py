@@ -33,7 +33,7 @@ from rayjobs.config import Config
 from rayjobs.errors import UserError
 from rayjobs.runlog import RunLog
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 STOP_FILE = "STOPPED"  # written by rank 0 when training stops itself (non-finite loss)
 
 

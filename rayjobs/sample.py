@@ -29,24 +29,12 @@ def _check(args) -> None:
 
 def generate(args) -> list[Path]:
     """Writes ``--num-images`` PNGs (seed, seed+1, ...) and returns their paths."""
-    from diffusers import StableDiffusionPipeline
-
     _check(args)
     try:
         comps = load_components(args.model)
     except ModelNotFoundError as err:
         raise UserError(f"--model: {err}") from None
-    pipe = StableDiffusionPipeline(
-        vae=comps.vae,
-        text_encoder=comps.text_encoder,
-        tokenizer=comps.tokenizer,
-        unet=comps.unet,
-        scheduler=comps.scheduler,
-        safety_checker=None,
-        feature_extractor=None,
-        requires_safety_checker=False,
-    )
-    pipe.set_progress_bar_config(disable=True)
+    pipe = comps.pipeline()
     if args.lora:
         pipe.load_lora_weights(args.lora, weight_name=LORA_FILE)
     native = comps.unet.config.sample_size * comps.vae_scale_factor

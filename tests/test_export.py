@@ -1,7 +1,7 @@
 """Export: what the trainer writes loads back in plain diffusers and reproduces the trained UNet."""
 
 import torch
-from diffusers import StableDiffusionPipeline, UNet2DConditionModel
+from diffusers import UNet2DConditionModel
 from safetensors.torch import load_file
 
 from models.components import build_tiny
@@ -25,13 +25,7 @@ def unet_out(unet, seed=0):
 
 
 def fresh_pipeline():
-    c = build_tiny()
-    pipe = StableDiffusionPipeline(
-        vae=c.vae, text_encoder=c.text_encoder, tokenizer=c.tokenizer, unet=c.unet, scheduler=c.scheduler,
-        safety_checker=None, feature_extractor=None, requires_safety_checker=False,
-    )
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
+    return build_tiny().pipeline()
 
 
 def trained_lora_policy(comps):

@@ -2,7 +2,6 @@
 
 import pytest
 import torch
-from diffusers import StableDiffusionPipeline
 
 from models.policy import Policy
 from models.sampler import SamplerSettings, sample
@@ -28,18 +27,7 @@ def lora_policy(comps, seed=0, scale=0.05):
 
 
 def pipeline(comps):
-    pipe = StableDiffusionPipeline(
-        vae=comps.vae,
-        text_encoder=comps.text_encoder,
-        tokenizer=comps.tokenizer,
-        unet=comps.unet,
-        scheduler=comps.scheduler,
-        safety_checker=None,
-        feature_extractor=None,
-        requires_safety_checker=False,
-    )
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
+    return comps.pipeline()
 
 
 def grads(policy):
