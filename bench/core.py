@@ -13,10 +13,10 @@ from __future__ import annotations
 import argparse
 import contextlib
 import copy
+import gc
 import io
 import json
 import os
-import resource
 import statistics
 import subprocess
 import sys
@@ -54,6 +54,12 @@ def median(xs: list[float]) -> float:
     return float(statistics.median(xs))
 
 
+def pythonpath_with_root() -> str:
+    """$PYTHONPATH with the repository root first (once): child processes can import bench.core."""
+    parts = [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p and p != str(ROOT)]
+    return os.pathsep.join([str(ROOT), *parts])
+
+
 # ---- (a) Ray Train vs a plain in-process loop ------------------------------------------------
 
 
@@ -70,7 +76,7 @@ class ThreadProbe(Colorfulness):
 
     def forward(self, images, prompts):
         if not self.written and torch.is_grad_enabled():
-            info = {"pid": os.getpid(), "threads": torch.get_num_threads(), "omp": os.environ.get("OMP_NUM_THREADS")}
+            info = {"pid": os.getpid(), "threads": torch.get_num_threads(), "nice": os.nice(0), "omp": os.environ.get("OMP_NUM_THREADS")}
             self.path.write_text(json.dumps(info), encoding="utf-8")
             self.written = True
         return super().forward(images, prompts)
@@ -111,7 +117,7 @@ def run_ray(cfg: Config) -> tuple[list[float], float, dict]:
     from rayjobs.train import fit
 
     # Ray workers inherit the driver's environment: let them import bench.core (ThreadProbe).
-    os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
+    os.environ["PYTHONPATH"] = pythonpath_with_root()
     t0 = time.perf_counter()
     with contextlib.redirect_stderr(io.StringIO()), contextlib.redirect_stdout(io.StringIO()):  # progress bar, eval lines
         run_dir = fit(cfg)
@@ -128,7 +134,7 @@ def bench_ray(args) -> list[Result]:
     steps, repeats = (6, 1) if args.quick else (12, 3)
     med = {"ray": [], "plain": []}
     wall = {"ray": [], "plain": []}
-    threads = {}
+    threads, nice = {}, {}
     with tempfile.TemporaryDirectory(prefix="draftray-bench-") as tmp:
         for rep in range(repeats):
             order = ("ray", "plain") if rep % 2 == 0 else ("plain", "ray")
@@ -137,8 +143,9 @@ def bench_ray(args) -> list[Result]:
                 times, w, probe = (run_ray if side == "ray" else run_plain)(cfg)
                 med[side].append(median(times))
                 wall[side].append(w)
-                threads[side] = probe["threads"]
-                print(f"  (a) rep {rep} {side:5s}: median step {med[side][-1]:.3f} s over {len(times)} steps, wall {w:.1f} s, torch threads {probe['threads']}")
+                threads[side], nice[side] = probe["threads"], probe["nice"]
+                print(f"  (a) rep {rep} {side:5s}: median step {med[side][-1]:.3f} s over {len(times)} steps, wall {w:.1f} s, "
+                      f"torch threads {probe['threads']}, nice {probe['nice']}, load avg {os.getloadavg()[0]:.2f}", flush=True)
     ray_s, plain_s = median(med["ray"]), median(med["plain"])
     ratio = ray_s / plain_s
     wall_ray, wall_plain = median(wall["ray"]) / steps, median(wall["plain"]) / steps
@@ -146,7 +153,7 @@ def bench_ray(args) -> list[Result]:
     return [
         Result("(a) step time ray/plain", ratio, "<= 1.10", ratio <= 1.10,
                f"median step {ray_s:.3f} s (Ray Train, 1 worker) vs {plain_s:.3f} s (plain); {steps} steps, first {WARMUP_STEPS} excluded, "
-               f"{repeats} repeats; torch threads ray={threads['ray']} plain={threads['plain']}"),
+               f"{repeats} repeats; torch threads ray={threads['ray']} plain={threads['plain']}; process nice ray={nice['ray']} plain={nice['plain']}"),
         Result("(a) wall/step incl. start-up ray/plain", wall_ray / wall_plain, "report", None,
                f"{wall_ray:.2f} s vs {wall_plain:.2f} s per step over a {steps}-step run (build, 2 evals, export included); "
                f"Ray fixed cost ~{fixed:.1f} s per run (ray.init + trainer start + shutdown)"),
@@ -193,18 +200,19 @@ def bench_sampler(args) -> list[Result]:
     a, _ = timed(ours)  # warm-up, and the images compared below
     b, _ = timed(theirs)
     diff = float((a - b).abs().max())
-    repeats = 2 if args.quick else 7
+    repeats = 2 if args.quick else 6
     t = {"draftray": [], "diffusers": []}
-    for rep in range(repeats):
+    for rep in range(repeats):  # back-to-back pairs, order alternating: a pair shares the machine's state
         for side, fn in (("draftray", ours), ("diffusers", theirs))[:: 1 if rep % 2 == 0 else -1]:
             t[side].append(timed(fn)[1])
+    pairs = [d / o for o, d in zip(t["draftray"], t["diffusers"])]
+    ratio = median(pairs)  # throughput ratio = inverse time ratio
     ours_s, theirs_s = median(t["draftray"]), median(t["diffusers"])
-    ratio = theirs_s / ours_s  # throughput ratio = inverse time ratio
     n = len(prompts)
     return [
         Result("(b) sampler throughput draftray/diffusers", ratio, ">= 1.00", ratio >= 1.0,
                f"{n / ours_s:.2f} vs {n / theirs_s:.2f} img/s ({n} prompts, 32 px, T={settings.steps}, w={settings.guidance}, "
-               f"median of {repeats}, {torch.get_num_threads()} torch thread(s))"),
+               f"median of {repeats} paired ratios, pairs {min(pairs):.3f}..{max(pairs):.3f}; {torch.get_num_threads()} torch thread(s))"),
         Result("(b) images max |draftray - diffusers|", diff, "== 0", diff == 0.0, f"same seed {seed}, images in [0, 1]"),
     ]
 
@@ -228,17 +236,32 @@ def big_components() -> Components:
     return comps
 
 
-def max_rss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB -> MiB
+def proc_status_mb(key: str) -> float:
+    """VmRSS (current) or VmHWM (peak) of this process, MiB, from /proc (Linux).
+
+    Not getrusage's ru_maxrss: after fork+exec it starts at the PARENT's high-water mark
+    (the kernel keeps the old mm's peak across execve), which hid this bench's baseline.
+    """
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(key + ":"):
+            return int(line.split()[1]) / 1024  # kB -> MiB
+    raise RuntimeError(f"{key} not in /proc/self/status")
+
+
+def reset_peak_rss() -> None:
+    """Sets VmHWM to the current RSS (Linux >= 4.0), so the peak counts from here."""
+    Path("/proc/self/clear_refs").write_text("5")
 
 
 def mem_child(variant: str, steps: int, threads: int) -> None:
     """Runs in a fresh process: build, `steps` DRaFT+ steps (kl > 0); prints one JSON line."""
     torch.set_num_threads(threads)
-    base = max_rss_mb()  # after every import
+    gc.collect()
+    reset_peak_rss()
+    base = proc_status_mb("VmRSS")  # after every import
     comps = big_components()
     unet_bytes = sum(p.numel() * p.element_size() for p in comps.unet.parameters())
-    built = max_rss_mb()
+    built = proc_status_mb("VmHWM")
     frozen_copy = copy.deepcopy(comps.unet).requires_grad_(False).eval() if variant == "copy" else None  # before LoRA
     policy = Policy(comps, "lora")
     if frozen_copy is not None:
@@ -253,12 +276,12 @@ def mem_child(variant: str, steps: int, threads: int) -> None:
         loss.backward()
         opt.step()
     assert float(metrics["kl"]) >= 0 and (policy._reference is None) == (variant == "adapters")
-    print(json.dumps({"variant": variant, "base_mb": base, "built_mb": built, "peak_mb": max_rss_mb(), "unet_bytes": unet_bytes}))
+    print(json.dumps({"variant": variant, "base_mb": base, "built_mb": built, "peak_mb": proc_status_mb("VmHWM"), "unet_bytes": unet_bytes}))
 
 
 def run_mem_child(variant: str, steps: int, threads: int) -> dict:
     code = f"from bench.core import mem_child; mem_child({variant!r}, {steps}, {threads})"
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])))
+    env = dict(os.environ, PYTHONPATH=pythonpath_with_root())
     proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, check=False)
     if proc.returncode != 0:
         raise RuntimeError(f"memory child {variant} failed:\n{proc.stderr[-2000:]}")
@@ -266,7 +289,7 @@ def run_mem_child(variant: str, steps: int, threads: int) -> dict:
 
 
 def bench_memory(args) -> list[Result]:
-    steps, repeats = (2, 1) if args.quick else (3, 2)
+    steps, repeats = (2, 1) if args.quick else (2, 2)
     delta = {"adapters": [], "copy": []}
     built = []  # RSS after building the components, before the policy: the same in both variants
     for rep in range(repeats):
@@ -274,7 +297,7 @@ def bench_memory(args) -> list[Result]:
             out = run_mem_child(variant, steps, args.threads)
             delta[variant].append(out["peak_mb"] - out["base_mb"])
             built.append(out["built_mb"] - out["base_mb"])
-            print(f"  (c) rep {rep} {variant:8s}: peak RSS - baseline = {delta[variant][-1]:.0f} MB (components built: {built[-1]:.0f} MB)")
+            print(f"  (c) rep {rep} {variant:8s}: peak RSS - baseline = {delta[variant][-1]:.0f} MB (components built: {built[-1]:.0f} MB)", flush=True)
     a, b = median(delta["adapters"]), median(delta["copy"])
     unet_mb = out["unet_bytes"] / 2**20
     return [
@@ -314,7 +337,9 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.perf_counter()
     for key in args.only.split(","):
         print(f"running ({key}) ...", flush=True)
+        t_key = time.perf_counter()
         results += benches[key.strip()](args)
+        print(f"  ({key}) took {time.perf_counter() - t_key:.0f} s", flush=True)
     print_table(results)
     print(f"\ntotal bench time {time.perf_counter() - t0:.0f} s ({'quick' if args.quick else 'full'}, {args.threads} torch thread(s))")
     return 1 if args.strict and any(r.passed is False for r in results) else 0

@@ -75,6 +75,13 @@ def sample(
     latents: torch.Tensor | None = None,
 ) -> SampleOutput:
     """Draw one image per prompt; gradient flows through the last K steps when ``track_grad``."""
+    if not track_grad:  # pure inference: inference_mode skips autograd bookkeeping (faster than no_grad)
+        with torch.inference_mode():
+            return _sample(policy, prompts, settings, generator, with_ref, False, latents)
+    return _sample(policy, prompts, settings, generator, with_ref, True, latents)
+
+
+def _sample(policy, prompts, settings, generator, with_ref, track_grad, latents) -> SampleOutput:
     comps = policy.components
     scheduler = comps.scheduler
     unet_param = next(comps.unet.parameters())

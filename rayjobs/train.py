@@ -106,6 +106,8 @@ def connect(cfg: Config, verbose: bool = False) -> bool:
                 hint = " (Ray >= 2.59 uses token auth: export RAY_AUTH_TOKEN=$(ray get-auth-token) from the head, or RAY_AUTH_MODE=disabled on both sides)"
             raise UserError(f"ray.address {address!r}: cannot connect: {str(err).splitlines()[0]}{hint}") from None
         return False
+    # Ray starts workers at nice 15 by default: on a busy host any other process would starve training.
+    os.environ.setdefault("RAY_worker_niceness", "0")
     ray.init(address="local", log_to_driver=verbose, include_dashboard=True, configure_logging=False)
     return True
 
@@ -199,5 +201,5 @@ class Progress:
                     bar.set_postfix(loss=f"{rec['loss']:.4g}", reward=f"{rec.get('reward', float('nan')):.4g}", kl=f"{rec.get('kl', 0.0):.3g}", refresh=False)
                     bar.refresh()
                 elif "eval/reward_mean" in rec:
-                    bar.write(f"eval step {rec['step']}: reward {rec['eval/reward_mean']:.4g} ± {rec['eval/reward_std']:.3g}, kl {rec['eval/kl']:.3g}")
+                    bar.write(f"eval step {rec['step']}: reward {rec['eval/reward_mean']:.4g} ± {rec['eval/reward_std']:.3g}, kl {rec['eval/kl']:.3g}", file=sys.stderr)
         return offset
