@@ -8,6 +8,8 @@ joins an existing one. Checkpoints live in <run dir>/checkpoints (or
 
 from __future__ import annotations
 
+import contextlib
+import json
 import os
 import sys
 import threading
@@ -33,8 +35,6 @@ class RayContext:
     """The WorkerContext of a Ray Train worker."""
 
     def __init__(self):
-        import ray.train.torch
-
         ctx = ray.train.get_context()
         self.rank = ctx.get_world_rank()
         self.world_size = ctx.get_world_size()
@@ -45,24 +45,14 @@ class RayContext:
         # Every rank's files land in one directory per step (rank 0: weights, all: RNG state).
         ray.train.report(metrics, checkpoint=ckpt, checkpoint_dir_name=f"step_{metrics['step']:06d}" if ckpt else None)
 
+    @contextlib.contextmanager
     def latest_checkpoint(self):
         ckpt = ray.train.get_checkpoint()
         if ckpt is None:
-            from contextlib import nullcontext
-
-            return nullcontext(None)
-        return _as_path(ckpt)
-
-
-class _as_path:
-    def __init__(self, ckpt):
-        self._cm = ckpt.as_directory()
-
-    def __enter__(self):
-        return Path(self._cm.__enter__())
-
-    def __exit__(self, *exc):
-        return self._cm.__exit__(*exc)
+            yield None
+            return
+        with ckpt.as_directory() as directory:
+            yield Path(directory)
 
 
 def _worker_entry(config: dict) -> None:
@@ -101,10 +91,11 @@ def connect(cfg: Config, verbose: bool = False) -> bool:
         try:
             ray.init(address=address, log_to_driver=verbose)
         except Exception as err:  # noqa: BLE001  (ray raises several types here)
-            hint = ""
-            if "auth" in str(err).lower() or "token" in str(err).lower():
-                hint = " (Ray >= 2.59 uses token auth: export RAY_AUTH_TOKEN=$(ray get-auth-token) from the head, or RAY_AUTH_MODE=disabled on both sides)"
-            raise UserError(f"ray.address {address!r}: cannot connect: {str(err).splitlines()[0]}{hint}") from None
+            hint = (
+                "; clusters use token auth by default since Ray 2.59: export RAY_AUTH_MODE=token and "
+                "RAY_AUTH_TOKEN=<`ray get-auth-token` on the head>, or RAY_AUTH_MODE=disabled if the cluster has no auth"
+            )
+            raise UserError(f"ray.address {address!r}: cannot connect ({str(err).splitlines()[0]}){hint}") from None
         return False
     # Ray starts workers at nice 15 by default: on a busy host any other process would starve training.
     os.environ.setdefault("RAY_worker_niceness", "0")
@@ -125,7 +116,14 @@ def fit(cfg: Config, verbose: bool = False) -> Path:
         if resuming:
             done = max((m["step"] for m in read_metrics(run_dir)), default=0)
             print(f"resuming {run_dir.name} (metrics up to step {done})", file=sys.stderr)
-        _fit_trainer(cfg, run_dir)
+        try:
+            _fit_trainer(cfg, run_dir)
+        except (ray.train.TrainingFailedError, ray.exceptions.RayError) as err:
+            first = next((line for line in str(err).splitlines() if line.strip()), type(err).__name__)
+            raise TrainingStopped(
+                f"training failed ({first.strip()}); checkpoints are kept, start the same run.name to resume; "
+                "--verbose shows the workers' logs"
+            ) from err
     finally:
         if started:
             ray.shutdown()
@@ -185,8 +183,6 @@ class Progress:
         bar.close()
 
     def _read(self, bar, offset: int) -> int:
-        import json
-
         if not self.path.exists():
             return offset
         with open(self.path, encoding="utf-8") as f:

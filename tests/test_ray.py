@@ -81,3 +81,13 @@ def test_non_finite_loss_stops_the_run_with_a_message(cluster, tmp_path):
     with pytest.raises(TrainingStopped, match="non-finite loss or gradient at step 2 .loss=nan"):
         _fit(tmp_path, "nan", "train.steps=4", "train.checkpoint_every=1", "reward.name=faults:NaNFrom", "reward.kwargs={at_call: 2}")
     assert sorted(p.name for p in (tmp_path / "nan" / "checkpoints").glob("step_*")) == ["step_000001"]
+
+
+def test_worker_failure_beyond_max_failures_is_one_clear_error(cluster, tmp_path):
+    from rayjobs.errors import TrainingStopped
+
+    marker = tmp_path / "crashed"
+    reward = ["reward.name=faults:CrashOnce", f"reward.kwargs={{at_call: 2, marker: '{marker}'}}"]
+    with pytest.raises(TrainingStopped, match="training failed .*start the same run.name to resume"):
+        _fit(tmp_path, "dies", "train.steps=3", "train.checkpoint_every=1", "ray.max_failures=0", *reward)
+    assert (tmp_path / "dies" / "checkpoints" / "step_000001" / "trainable.safetensors").is_file()
