@@ -139,7 +139,7 @@ class RayConfig(_Strict):
     cpus_per_worker: float = Field(1.0, gt=0, description="CPU cores reserved per worker")
     address: str | None = Field(None, description="Ray cluster to join ('auto', 'ray://host:10001'); None = $RAY_ADDRESS, else start a local Ray")
     max_failures: int = Field(2, ge=0, description="times the worker group restarts from the latest checkpoint after a failure")
-    storage_path: str | None = Field(None, description="where Ray Train keeps checkpoints (s3://, gs://, NFS for multi-node); None = <run dir>")
+    storage_path: str | None = Field(None, description="where Ray Train keeps checkpoints (s3://, gs://, NFS for multi-node), under <storage_path>/<run name>; None = <run dir>/checkpoints")
 
 
 class RunConfig(_Strict):

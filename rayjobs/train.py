@@ -143,7 +143,7 @@ def _fit_trainer(cfg: Config, run_dir: Path) -> ray.train.Result:
             num_workers=r.num_workers, use_gpu=r.use_gpu, resources_per_worker={"CPU": r.cpus_per_worker}
         ),
         run_config=ray.train.RunConfig(
-            name=cfg.run.name if r.storage_path else CHECKPOINTS,
+            name=run_dir.name if r.storage_path else CHECKPOINTS,  # same name in the same storage = resume
             storage_path=r.storage_path or str(run_dir),
             failure_config=ray.train.FailureConfig(max_failures=r.max_failures),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=3),
