@@ -163,17 +163,6 @@ def bench_ray(args) -> list[Result]:
 # ---- (b) draftray sampler vs diffusers StableDiffusionPipeline -------------------------------
 
 
-def build_pipeline(comps: Components):
-    from diffusers import StableDiffusionPipeline
-
-    pipe = StableDiffusionPipeline(
-        vae=comps.vae, text_encoder=comps.text_encoder, tokenizer=comps.tokenizer, unet=comps.unet,
-        scheduler=comps.scheduler, safety_checker=None, feature_extractor=None, requires_safety_checker=False,
-    )
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
-
-
 def timed(fn) -> tuple[torch.Tensor, float]:
     t0 = time.perf_counter()
     images = fn()
@@ -183,7 +172,7 @@ def timed(fn) -> tuple[torch.Tensor, float]:
 def bench_sampler(args) -> list[Result]:
     """Same components objects (the pipeline gets the policy's UNet, LoRA B=0 included), prompts, seed, T, w."""
     policy = Policy(build_tiny(), "lora")
-    pipe = build_pipeline(policy.components)
+    pipe = policy.components.pipeline()
     prompts, seed = list(DEFAULT_PROMPTS), 0
     settings = SamplerSettings(steps=20, guidance=7.5, height=32, width=32)
 
