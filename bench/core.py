@@ -34,7 +34,7 @@ from models.components import Components, build_tiny  # noqa: E402
 from models.objective import Objective, Weights  # noqa: E402
 from models.policy import Policy  # noqa: E402
 from models.sampler import SamplerSettings, sample  # noqa: E402
-from rayjobs.config import DEFAULT_PROMPTS, Config, load_config  # noqa: E402
+from rayjobs.config import EVAL_PROMPTS, Config, load_config  # noqa: E402
 from rewards.simple import Colorfulness  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -83,9 +83,9 @@ class ThreadProbe(Colorfulness):
 
 
 def train_cfg(out_dir: Path, name: str, steps: int, threads: int) -> Config:
-    """The DRaFT+ default (tiny model, T=10, K=5, batch 2, kl 0.1) with cheap evals and no mid-run checkpoints."""
+    """configs/tiny.yaml (random tiny model, T=10, K=5, batch 2, kl 0.1) with cheap evals and no mid-run checkpoints."""
     probe = out_dir / f"{name}.threads.json"
-    return load_config(None, [
+    return load_config(Path(__file__).parents[1] / "configs" / "tiny.yaml", [
         f"run.output_dir={out_dir}", f"run.name={name}", f"train.steps={steps}",
         "train.eval_every=0", "train.checkpoint_every=100000",
         "data.eval_prompts=[a red circle on a blue background]", "data.eval_seeds=[0,1]",
@@ -173,7 +173,7 @@ def bench_sampler(args) -> list[Result]:
     """Same components objects (the pipeline gets the policy's UNet, LoRA B=0 included), prompts, seed, T, w."""
     policy = Policy(build_tiny(), "lora")
     pipe = policy.components.pipeline()
-    prompts, seed = list(DEFAULT_PROMPTS), 0
+    prompts, seed = list(EVAL_PROMPTS), 0
     settings = SamplerSettings(steps=20, guidance=7.5, height=32, width=32)
 
     def ours():
@@ -260,7 +260,7 @@ def mem_child(variant: str, steps: int, threads: int) -> None:
     opt = torch.optim.AdamW(policy.parameters(), lr=1e-3)
     for step in range(steps):
         opt.zero_grad(set_to_none=True)
-        batch = {"prompts": DEFAULT_PROMPTS[:2], "generator": torch.Generator().manual_seed(step)}
+        batch = {"prompts": EVAL_PROMPTS[:2], "generator": torch.Generator().manual_seed(step)}
         loss, metrics = objective(policy, batch)
         loss.backward()
         opt.step()

@@ -1,7 +1,8 @@
 """Stable Diffusion 1.x components: loaded from diffusers layout, or the built-in tiny model.
 
 ``load_components("tiny")`` builds a small SD-architecture model in code from a
-fixed seed (no download); any other name is a local directory or hub id in
+fixed seed (random weights, no download); ``"toy"`` is the pretrained toy-world
+model shipped in models/weights/toy; any other name is a local directory or hub id in
 diffusers layout (``unet/``, ``vae/``, ``text_encoder/``, ``tokenizer/``,
 ``scheduler/``). All weights come back frozen (``requires_grad=False``); the
 adapters module decides what trains.
@@ -20,7 +21,10 @@ from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 from models.tokenizer import build_clip_tokenizer
 
 TINY = "tiny"
-TINY_SEED = 0  # the embedded model's weights are a pure function of this seed
+TINY_SEED = 0  # the random tiny model's weights are a pure function of this seed
+TOY = "toy"
+# The toy world's pretrained model, shipped with the package (issue 3; model card in its README.md).
+TOY_DIR = Path(__file__).parent / "weights" / "toy"
 
 # SD 1.x noise schedule (scheduler_config.json of runwayml/stable-diffusion-v1-5).
 SD15_SCHEDULER = dict(
@@ -74,37 +78,45 @@ class Components:
         return pipe
 
 
-def build_tiny(seed: int = TINY_SEED) -> Components:
-    """A tiny SD-architecture model, seeded: 32 px images, 4x16x16 latents, 32-d text."""
+def build_small_sd(
+    seed: int, vae_channels: tuple[int, ...], unet_channels: tuple[int, ...], image_size: int, text_dim: int, text_ff: int
+) -> Components:
+    """A small SD 1.x-architecture model with random weights drawn from ``seed`` (trainable, not frozen).
+
+    latents: 4 x (image_size / 2^(len(vae_channels)-1))^2; the UNet cross-attends at every level but the
+    deepest; the text encoder has the full CLIP BPE vocabulary, 2 layers of width text_dim.
+    """
+    n = len(unet_channels)
+    latent_size = image_size // 2 ** (len(vae_channels) - 1)
     # Model constructors draw from the global RNG: fork it so callers are unaffected.
     with torch.random.fork_rng():
         torch.manual_seed(seed)
-        unet = UNet2DConditionModel(
-            sample_size=16,
-            in_channels=4,
-            out_channels=4,
-            block_out_channels=(32, 64),
-            layers_per_block=1,
-            down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-            up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
-            cross_attention_dim=32,
-            attention_head_dim=8,
-            norm_num_groups=16,
-        )
         vae = AutoencoderKL(
             in_channels=3,
             out_channels=3,
-            block_out_channels=(32, 64),
-            down_block_types=("DownEncoderBlock2D",) * 2,
-            up_block_types=("UpDecoderBlock2D",) * 2,
+            block_out_channels=vae_channels,
+            down_block_types=("DownEncoderBlock2D",) * len(vae_channels),
+            up_block_types=("UpDecoderBlock2D",) * len(vae_channels),
             latent_channels=4,
             norm_num_groups=16,
-            sample_size=32,
+            sample_size=image_size,
+        )
+        unet = UNet2DConditionModel(
+            sample_size=latent_size,
+            in_channels=4,
+            out_channels=4,
+            block_out_channels=unet_channels,
+            layers_per_block=1,
+            down_block_types=("CrossAttnDownBlock2D",) * (n - 1) + ("DownBlock2D",),
+            up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * (n - 1),
+            cross_attention_dim=text_dim,
+            attention_head_dim=8,
+            norm_num_groups=16,
         )
         text_config = CLIPTextConfig(
-            vocab_size=49408,
-            hidden_size=32,
-            intermediate_size=64,
+            vocab_size=49408,  # the full CLIP BPE vocabulary: any prompt tokenises as in SD
+            hidden_size=text_dim,
+            intermediate_size=text_ff,
             num_hidden_layers=2,
             num_attention_heads=4,
             max_position_embeddings=77,
@@ -113,8 +125,12 @@ def build_tiny(seed: int = TINY_SEED) -> Components:
             pad_token_id=49407,
         )
         text_encoder = CLIPTextModel(text_config)
-    comps = Components(unet, vae, text_encoder, build_clip_tokenizer(), DDIMScheduler(**SD15_SCHEDULER))
-    return _frozen(comps)
+    return Components(unet, vae, text_encoder, build_clip_tokenizer(), DDIMScheduler(**SD15_SCHEDULER))
+
+
+def build_tiny(seed: int = TINY_SEED) -> Components:
+    """A tiny SD-architecture model, seeded, frozen: 32 px images, 4x16x16 latents, 32-d text."""
+    return _frozen(build_small_sd(seed, vae_channels=(32, 64), unet_channels=(32, 64), image_size=32, text_dim=32, text_ff=64))
 
 
 def _frozen(comps: Components) -> Components:
@@ -125,7 +141,7 @@ def _frozen(comps: Components) -> Components:
 
 
 def load_components(name_or_path: str, revision: str | None = None) -> Components:
-    """Load SD 1.x components by name: ``tiny``, a local diffusers directory, or a hub id.
+    """Load SD 1.x components by name: ``tiny``, ``toy``, a local diffusers directory, or a hub id.
 
     Hub ids resolve only from the local Hugging Face cache unless the user has
     network access and HF_HUB_OFFLINE is unset; a miss raises ModelNotFoundError.
@@ -133,6 +149,8 @@ def load_components(name_or_path: str, revision: str | None = None) -> Component
     if name_or_path == TINY:
         return build_tiny()
     check_model_source(name_or_path)
+    if name_or_path == TOY:
+        name_or_path = str(TOY_DIR)
     kwargs = dict(revision=revision)
     try:
         comps = Components(
@@ -149,11 +167,15 @@ def load_components(name_or_path: str, revision: str | None = None) -> Component
 
 
 def check_model_source(name_or_path: str) -> None:
-    """Cheap check that a model name resolves offline: 'tiny', or a diffusers-layout directory.
+    """Cheap check that a model name resolves offline: 'tiny', 'toy', or a diffusers-layout directory.
 
     Hub ids (one '/', no such local path) are left to from_pretrained.
     """
     if name_or_path == TINY:
+        return
+    if name_or_path == TOY:
+        if not (TOY_DIR / "model_index.json").is_file():
+            raise ModelNotFoundError(f"the shipped toy model is missing from {TOY_DIR}; rebuild it with `draftray toy pretrain --out {TOY_DIR}`")
         return
     path = Path(name_or_path).expanduser()
     looks_local = path.is_absolute() or name_or_path.startswith(".") or path.exists()

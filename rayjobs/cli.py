@@ -1,4 +1,4 @@
-"""The `draftray` command: train, sample.
+"""The `draftray` command: train, sweep, sample, toy.
 
 Bad input prints one line ``draftray: error: ...`` and exits 2 with nothing
 written; a run that stops itself (non-finite loss) exits 1.
@@ -28,6 +28,18 @@ def _parser() -> argparse.ArgumentParser:
     t.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides, e.g. optim.lr=1e-4")
     t.add_argument("--address", help="Ray cluster address to join (default: $RAY_ADDRESS, else start a local Ray)")
     t.add_argument("--verbose", action="store_true", help="forward Ray worker logs to this terminal")
+
+    w = sub.add_parser("sweep", help="Ray Tune sweep over config keys; writes the reward-diversity Pareto front")
+    w.description = (
+        "Run every trial of CONFIG's sweep: section (e.g. configs/toy-kl-sweep.yaml), each a full training run, then "
+        "write points.csv, pareto.png and summary.md. Prints the sweep directory as the last line on stdout."
+    )
+    w.add_argument("config", help="YAML config with a sweep: section")
+    w.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides of the base config, e.g. train.steps=20")
+    w.add_argument("--address", help="Ray cluster address to join (default: $RAY_ADDRESS, else start a local Ray)")
+    w.add_argument("--verbose", action="store_true", help="Tune's status table and the workers' logs")
+
+    _toy_parser(sub)
 
     s = sub.add_parser("sample", help="generate images with diffusers' StableDiffusionPipeline (+ a trained LoRA)")
     s.add_argument("--model", required=True, help="'tiny', a diffusers-layout directory, or a hub id")
@@ -62,6 +74,73 @@ def _train(args) -> int:
     return 0
 
 
+def _toy_parser(sub) -> None:
+    y = sub.add_parser("toy", help="the toy world (issue 3): pretrain its diffusion model and reward, check accuracy")
+    ys = y.add_subparsers(dest="toy_command", required=True)
+    p = ys.add_parser("pretrain", help="train the toy diffusion model from scratch (about 35 min on 2 CPU cores)")
+    p.add_argument("--out", required=True, help="output directory (diffusers layout); the shipped copy is models/weights/toy")
+    p.add_argument("--seed", type=int, default=0, help="init and data seed")
+    p.add_argument("--vae-steps", type=int, default=None, help="VAE optimizer steps (default: PretrainSettings)")
+    p.add_argument("--unet-steps", type=int, default=None, help="UNet + text encoder optimizer steps (default: PretrainSettings)")
+    r = ys.add_parser("reward", help="train the toy reward model / classifier (about 4 min on 2 CPU cores)")
+    r.add_argument("--out", required=True, help="output .safetensors; the shipped copy is rewards/weights/toy_net.safetensors")
+    r.add_argument("--steps", type=int, default=None, help="optimizer steps (default: RewardTrainSettings)")
+    c = ys.add_parser("check", help="caption accuracy of a model's samples, judged by the toy classifier")
+    c.add_argument("--model", default="toy", help="'toy' or a diffusers-layout directory")
+    c.add_argument("--lora", help="a run's export/ directory to apply")
+    c.add_argument("--steps", type=int, default=20, help="DDIM steps")
+    c.add_argument("--guidance", type=float, default=3.0, help="classifier-free guidance scale")
+    c.add_argument("--grid", help="write the sampled images as a PNG grid here")
+
+
+def _sweep(args) -> int:
+    overrides = list(args.overrides) + ([f"ray.address={args.address}"] if args.address else [])
+    from rayjobs.config import load_config
+    from rayjobs.sweep import run_sweep
+
+    print(run_sweep(load_config(args.config, overrides), verbose=args.verbose))
+    return 0
+
+
+def _toy(args) -> int:
+    import json
+    from dataclasses import replace
+
+    out = getattr(args, "out", None)
+    if out and Path(out).exists() and (Path(out).is_file() or any(Path(out).iterdir())):
+        raise UserError(f"--out {out}: already exists; give a new path (the shipped weights are never overwritten in place)")
+    if args.toy_command == "pretrain":
+        from rayjobs.toy import PretrainSettings, pretrain
+
+        s = PretrainSettings(seed=args.seed)
+        s = replace(s, vae_steps=args.vae_steps or s.vae_steps, unet_steps=args.unet_steps or s.unet_steps)
+        print(pretrain(args.out, s))
+    elif args.toy_command == "reward":
+        from rayjobs.toy import train_reward
+
+        print(json.dumps(train_reward(args.out, args.steps)))
+    else:
+        from rayjobs.toy import caption_accuracy
+
+        from models.components import ModelNotFoundError
+
+        if args.lora and not (Path(args.lora) / "pytorch_lora_weights.safetensors").is_file():
+            raise UserError(f"--lora {args.lora}: no pytorch_lora_weights.safetensors there (give a run's export/ directory)")
+        try:
+            report = caption_accuracy(args.model, steps=args.steps, guidance=args.guidance, lora=args.lora)
+        except ModelNotFoundError as err:
+            raise UserError(f"--model: {err}") from None
+        images = report.pop("images")
+        if args.grid:
+            from PIL import Image
+
+            from rayjobs.runlog import image_grid
+
+            Image.fromarray(image_grid(list(images.split(8)), min_cell=64)).save(args.grid)
+        print(json.dumps(report))
+    return 0
+
+
 def _sample(args) -> int:
     from rayjobs.sample import generate
 
@@ -74,7 +153,7 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     args = _parser().parse_args(argv)
     try:
-        return {"train": _train, "sample": _sample}[args.command](args)
+        return {"train": _train, "sweep": _sweep, "toy": _toy, "sample": _sample}[args.command](args)
     except UserError as err:
         print(f"draftray: error: {err}", file=sys.stderr)
         return err.exit_code

@@ -1,8 +1,8 @@
 """The config schema: every field says its meaning and unit; "per worker" where so.
 
-``Config()`` with no arguments IS the embedded default: DRaFT+ on the built-in
-tiny model with the weight-free colourfulness reward, small enough for a
-2-core CPU in minutes. YAML presets in configs/ override only what differs.
+``Config()`` with no arguments IS the embedded default (== configs/toy.yaml):
+DRaFT+ on the shipped toy-world model against the toy appeal reward
+(docs/toy-world.md), small enough for a 2-core CPU in minutes. YAML presets in configs/ override only what differs.
 Unknown keys are errors. Derived sizes:
 
     global batch (prompts per optimizer step) = train.batch_size * train.grad_accum * ray.num_workers
@@ -25,7 +25,11 @@ class _Strict(BaseModel):
 
 
 class ModelConfig(_Strict):
-    name_or_path: str = Field("tiny", description="'tiny' (built in, seeded, no download), a local diffusers-layout directory, or a hub id")
+    name_or_path: str = Field(
+        "toy",
+        description="'toy' (the shipped pretrained toy-world model), 'tiny' (random weights, seeded, built in code), "
+        "a local diffusers-layout directory, or a hub id",
+    )
     revision: str | None = Field(None, description="hub revision (branch, tag or commit) when name_or_path is a hub id")
     dtype: Literal["float32", "bfloat16"] = Field(
         "float32",
@@ -52,10 +56,10 @@ class SamplerConfig(_Strict):
     guidance: float = Field(3.0, ge=0, description="classifier-free guidance scale w (<= 1 disables CFG)")
     eta: float = Field(0.0, ge=0, le=1, description="DDIM eta (0 deterministic)")
     truncation_steps: int = Field(
-        5,
+        1,
         ge=1,
         description="K: gradient flows through the last K steps (1 = DRaFT-1/DRaFT+ as in the papers, T = full backprop). "
-        "The embedded default uses 5: on the random tiny model the last step alone scales eps by ~0.04 and K=1 barely learns",
+        "configs/tiny.yaml uses 5: on the random tiny model the last step alone scales eps by ~0.04 and K=1 barely learns",
     )
     height: int = Field(32, ge=8, description="image height, pixels (multiple of the VAE factor, 8 for SD)")
     width: int = Field(32, ge=8, description="image width, pixels")
@@ -74,7 +78,8 @@ class ObjectiveConfig(_Strict):
     )
     reward_weight: float = Field(1.0, gt=0, description="weight of -reward in the loss")
     kl_coeff: float | None = Field(
-        None, ge=0, description="beta, weight of the KL on CFG-combined eps (per-element mean). None = preset's (draftplus 0.1, draft 0)"
+        None, ge=0, description="beta, weight of the KL on CFG-combined eps (per-element mean). None = preset's (draftplus 0.03, draft 0). "
+        "Relative to the reward's scale: 0.03 suits the toy appeal reward (~2; docs/reproduction.md), SD presets set their own"
     )
 
     @model_validator(mode="after")
@@ -87,49 +92,58 @@ class ObjectiveConfig(_Strict):
     def beta(self) -> float:
         if self.kl_coeff is not None:
             return self.kl_coeff
-        return {"draftplus": 0.1, "draft": 0.0}[self.preset]
+        return {"draftplus": 0.03, "draft": 0.0}[self.preset]
 
 
 class RewardConfig(_Strict):
-    name: str = Field("colorfulness", description="registered reward name (see rewards.REWARDS)")
+    name: str = Field("toy_appeal", description="registered reward name (see rewards.REWARDS)")
     kwargs: dict[str, Any] = Field(default_factory=dict, description="the reward's own settings, passed to its builder")
 
 
 class DiversityConfig(_Strict):
-    name: str = Field("pairwise_rms", description="registered diversity metric (see rewards.DIVERSITY_METRICS)")
+    name: str = Field("toy_lpips", description="registered diversity metric (see rewards.DIVERSITY_METRICS)")
     kwargs: dict[str, Any] = Field(default_factory=dict, description="the metric's own settings")
 
 
-DEFAULT_PROMPTS = [
-    "a red circle on a blue background",
-    "a green square on a white background",
-    "a yellow star on a black background",
-    "a purple triangle on a grey background",
+# Toy-world captions (rewards/toyworld.py): the shipped toy model was trained on this grammar.
+# Training prompts name shape and colour, sometimes size and background; the rest is left to the seed.
+TRAIN_PROMPTS = [
+    "a red circle", "a blue square", "a yellow triangle", "a green star",
+    "a purple circle on a white background", "an orange square on a black background",
+    "a white triangle on a blue background", "a black star on a yellow background",
+    "a small green circle", "a large red square", "a small blue star", "a large yellow circle on a purple background",
+]
+# Evaluation prompts: held out from training, two fully and two partly specified.
+EVAL_PROMPTS = [
+    "a red star",
+    "a blue circle on a white background",
+    "a yellow square",
+    "a green triangle on a black background",
 ]
 
 
 class DataConfig(_Strict):
-    prompts: list[str] = Field(DEFAULT_PROMPTS, min_length=1, description="training prompts, drawn uniformly (ignored when prompts_file is set)")
+    prompts: list[str] = Field(TRAIN_PROMPTS, min_length=1, description="training prompts, drawn uniformly (ignored when prompts_file is set)")
     prompts_file: str | None = Field(None, description="text file, one prompt per line (blank lines skipped); replaces prompts")
-    eval_prompts: list[str] = Field(DEFAULT_PROMPTS, min_length=1, description="fixed evaluation prompts (rows of the sample grid)")
-    eval_seeds: list[int] = Field([0, 1, 2, 3], min_length=2, description="one image per seed per eval prompt (grid columns); >= 2 for diversity")
+    eval_prompts: list[str] = Field(EVAL_PROMPTS, min_length=1, description="fixed evaluation prompts (rows of the sample grid)")
+    eval_seeds: list[int] = Field([0, 1, 2, 3, 4, 5], min_length=2, description="one image per seed per eval prompt (grid columns); >= 2 for diversity")
 
 
 class OptimConfig(_Strict):
-    lr: float = Field(1e-2, gt=0, description="AdamW peak learning rate")
+    lr: float = Field(1e-3, gt=0, description="AdamW peak learning rate")
     betas: tuple[float, float] = Field((0.9, 0.999), description="AdamW betas")
     weight_decay: float = Field(0.0, ge=0, description="AdamW decoupled weight decay")
     eps: float = Field(1e-8, gt=0, description="AdamW epsilon")
-    warmup_steps: int = Field(2, ge=0, description="linear warmup from 0 to lr, optimizer steps")
+    warmup_steps: int = Field(5, ge=0, description="linear warmup from 0 to lr, optimizer steps")
     grad_clip: float = Field(10.0, ge=0, description="max global gradient norm (0 disables clipping)")
 
 
 class TrainConfig(_Strict):
-    steps: int = Field(30, ge=1, description="optimizer steps")
-    batch_size: int = Field(2, ge=1, description="prompts (images) per micro-batch, per worker")
+    steps: int = Field(100, ge=1, description="optimizer steps")
+    batch_size: int = Field(4, ge=1, description="prompts (images) per micro-batch, per worker")
     grad_accum: int = Field(1, ge=1, description="micro-batches per optimizer step, per worker")
-    eval_every: int = Field(10, ge=0, description="optimizer steps between evaluations (0: only before and after training)")
-    checkpoint_every: int = Field(10, ge=1, description="optimizer steps between checkpoints (and always at the end)")
+    eval_every: int = Field(25, ge=0, description="optimizer steps between evaluations (0: only before and after training)")
+    checkpoint_every: int = Field(50, ge=1, description="optimizer steps between checkpoints (and always at the end)")
     seed: int = Field(0, description="base seed; rank r draws prompts and noise from a seed mixed from (seed, r, step, micro-batch)")
 
 
@@ -147,6 +161,44 @@ class RunConfig(_Strict):
     output_dir: str = Field("runs", description="parent directory of run directories")
 
 
+class ParamSpec(_Strict):
+    """How a sweep draws one config key: exactly one of the four fields."""
+
+    grid: list[Any] | None = Field(None, min_length=1, description="every value, each in its own trial (Tune grid_search)")
+    choice: list[Any] | None = Field(None, min_length=1, description="one value drawn uniformly per sample")
+    uniform: tuple[float, float] | None = Field(None, description="[low, high], drawn uniformly per sample")
+    loguniform: tuple[float, float] | None = Field(None, description="[low, high] with 0 < low, drawn log-uniformly per sample")
+
+    @model_validator(mode="after")
+    def _one(self):
+        given = [k for k in ("grid", "choice", "uniform", "loguniform") if getattr(self, k) is not None]
+        if len(given) != 1:
+            raise ValueError(f"give exactly one of grid, choice, uniform, loguniform (got {', '.join(given) or 'none'})")
+        bounds = self.uniform or self.loguniform
+        if bounds is not None and not (bounds[0] < bounds[1] and (self.uniform or bounds[0] > 0)):
+            raise ValueError(f"bounds must be low < high (and low > 0 for loguniform), got {list(bounds)}")
+        return self
+
+
+class SweepConfig(_Strict):
+    """`draftray sweep`: Ray Tune trials, each a full training run with the swept keys changed.
+
+    trials = (product of grid sizes) * num_samples. Every trial evaluates on the same
+    data.eval_prompts x data.eval_seeds every train.eval_every steps; each evaluation is a
+    candidate point (reward, diversity) of the Pareto front.
+    """
+
+    name: str | None = Field(None, pattern=r"^[A-Za-z0-9._-]+$", description="sweep directory name under run.output_dir; None = sweep-<timestamp>")
+    params: dict[str, ParamSpec] = Field(..., min_length=1, description="dotted config key (e.g. objective.kl_coeff) -> how to draw it")
+    num_samples: int = Field(1, ge=1, description="Tune samples: repeats of the grid; draws of choice/uniform/loguniform keys")
+    seed: int = Field(0, description="seed of the random draws")
+    max_concurrent: int | None = Field(
+        None, ge=1, description="trials at once; None = cluster CPUs (GPUs with ray.use_gpu) // what one trial's workers take"
+    )
+    reward_metric: str = Field("eval/reward_mean", description="the front's reward axis (maximised)")
+    diversity_metric: str | None = Field(None, description="the front's diversity axis (maximised); None = eval/diversity_<diversity.name>")
+
+
 class Config(_Strict):
     run: RunConfig = RunConfig()
     model: ModelConfig = ModelConfig()
@@ -159,6 +211,7 @@ class Config(_Strict):
     optim: OptimConfig = OptimConfig()
     train: TrainConfig = TrainConfig()
     ray: RayConfig = RayConfig()
+    sweep: SweepConfig | None = Field(None, description="only read by `draftray sweep` (see SweepConfig)")
 
 
 # ---- loading ---------------------------------------------------------------------------------
@@ -173,17 +226,22 @@ def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Co
     if path is not None:
         data = _read_yaml(Path(path))
     for item in overrides:
-        _apply_override(data, item)
+        apply_override(data, item)
+    return validate(data)
+
+
+def validate(data: dict, where: str = "config") -> Config:
+    """A nested dict -> Config, or UserError with one line naming the first bad field."""
     try:
         return Config.model_validate(data)
     except ValidationError as err:
         e = err.errors()[0]
-        where = ".".join(str(p) for p in e["loc"]) or "config"
+        field = ".".join(str(p) for p in e["loc"]) or "(top level)"
         if e["type"] == "extra_forbidden":
-            raise UserError(f"config {where}: unknown key (see rayjobs/config.py for the fields)") from None
+            raise UserError(f"{where} {field}: unknown key (see rayjobs/config.py for the fields)") from None
         msg = e["msg"].removeprefix("Value error, ")
         got = "" if isinstance(e["input"], dict) else f" (got {e['input']!r})"
-        raise UserError(f"config {where}: {msg}{got}") from None
+        raise UserError(f"{where} {field}: {msg}{got}") from None
 
 
 def _read_yaml(path: Path, chain: tuple[Path, ...] = ()) -> dict:
@@ -216,7 +274,8 @@ def _merge(base: dict, top: dict) -> dict:
     return out
 
 
-def _apply_override(data: dict, item: str) -> None:
+def apply_override(data: dict, item: str) -> None:
+    """``key=value`` (value parsed as YAML) into the nested dict ``data``."""
     key, sep, raw = item.partition("=")
     if not sep or not key:
         raise UserError(f"override {item!r}: expected key=value with a dotted key, e.g. objective.kl_coeff=0.5")
@@ -224,12 +283,17 @@ def _apply_override(data: dict, item: str) -> None:
         value = yaml.safe_load(raw) if raw else ""
     except yaml.YAMLError:
         value = raw
+    set_dotted(data, key, value, f"override {item!r}")
+
+
+def set_dotted(data: dict, key: str, value: Any, where: str = "") -> None:
+    """data['a']['b'] = value for key 'a.b', creating sections on the way."""
     node = data
     parts = key.split(".")
     for part in parts[:-1]:
         child = node.setdefault(part, {})
         if not isinstance(child, dict):
-            raise UserError(f"override {item!r}: {part} is not a section")
+            raise UserError(f"{where or key}: {part} is not a section")
         node = child
     node[parts[-1]] = value
 

@@ -247,6 +247,7 @@ def train_loop(cfg: Config, run_dir: Path, ctx: WorkerContext) -> None:
                 _report(worker, ctx, done, metrics, is_ckpt)
         if log is not None:
             export(worker.policy, run_dir / "export")
+            log.compare(0, total)
     finally:
         if log is not None:
             log.close()

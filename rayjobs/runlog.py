@@ -56,6 +56,20 @@ class RunLog:
         self.tb.add_image("samples", pixels, step, dataformats="HWC")
         return path
 
+    def compare(self, first: int, last: int) -> Path | None:
+        """samples/base_vs_final.png: the step-`first` grid (base model) left, the step-`last` grid right.
+
+        Same prompts (rows) and seeds (columns) on both sides, so every cell pairs with its twin.
+        """
+        a, b = (self.run_dir / "samples" / f"step_{s:06d}.png" for s in (first, last))
+        if not (a.exists() and b.exists()) or first == last:
+            return None
+        left, right = np.asarray(Image.open(a).convert("RGB")), np.asarray(Image.open(b).convert("RGB"))
+        gap = np.full((left.shape[0], 16, 3), 255, dtype=np.uint8)  # white separator, 16 px
+        path = self.run_dir / "samples" / "base_vs_final.png"
+        Image.fromarray(np.concatenate([left, gap, right], axis=1)).save(path)  # [H, W_l + 16 + W_r, 3]
+        return path
+
     def close(self) -> None:
         self.tb.close()
 
@@ -64,6 +78,57 @@ def _clean(value):
     if isinstance(value, float) and not math.isfinite(value):
         return str(value)  # JSON has no NaN/inf; keep them readable
     return value
+
+
+def new_records(path: Path, offset: int) -> tuple[list[dict], int]:
+    """The complete JSON lines of a growing metrics.jsonl after byte ``offset``, and the new offset."""
+    if not path.exists():
+        return [], offset
+    records = []
+    with open(path, encoding="utf-8") as f:
+        f.seek(offset)
+        for line in f:
+            if not line.endswith("\n"):
+                break  # the writer is mid-line: read it next time
+            offset += len(line.encode("utf-8"))
+            records.append(json.loads(line))
+    return records, offset
+
+
+class Watcher:
+    """A daemon thread that calls ``poll()`` every ``interval`` s inside a ``with`` block, and once more at its end."""
+
+    interval = 0.25
+
+    def __init__(self):
+        import threading
+
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def __enter__(self):
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join(timeout=5)
+
+    def _run(self) -> None:
+        self.begin()
+        while True:
+            stopping = self._stop.is_set()
+            self.poll()
+            if stopping:
+                break
+            self._stop.wait(self.interval)
+        self.end()
+
+    def begin(self) -> None: ...
+
+    def poll(self) -> None: ...
+
+    def end(self) -> None: ...
 
 
 def read_metrics(run_dir: Path) -> list[dict]:

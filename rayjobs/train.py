@@ -9,11 +9,8 @@ joins an existing one. Checkpoints live in <run dir>/checkpoints (or
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import sys
-import threading
-import time
 from datetime import datetime
 from pathlib import Path
 
@@ -26,7 +23,7 @@ from models.components import ModelNotFoundError, check_model_source
 from rayjobs.config import Config, to_yaml
 from rayjobs.errors import TrainingStopped, UserError
 from rayjobs.loop import STOP_FILE, load_prompts, train_loop
-from rayjobs.runlog import METRICS_FILE, read_metrics
+from rayjobs.runlog import METRICS_FILE, Watcher, new_records, read_metrics
 
 CHECKPOINTS = "checkpoints"
 
@@ -107,33 +104,42 @@ def fit(cfg: Config, verbose: bool = False) -> Path:
     """Runs (or resumes) training; returns the run directory."""
     preflight(cfg)
     run_dir = run_dir_for(cfg)
-    resuming = (run_dir / "config.yaml").exists()
     started = connect(cfg, verbose)
     try:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / STOP_FILE).unlink(missing_ok=True)
-        (run_dir / "config.yaml").write_text(to_yaml(cfg), encoding="utf-8")
-        if resuming:
-            done = max((m["step"] for m in read_metrics(run_dir)), default=0)
-            print(f"resuming {run_dir.name} (metrics up to step {done})", file=sys.stderr)
-        try:
-            _fit_trainer(cfg, run_dir)
-        except (ray.train.TrainingFailedError, ray.exceptions.RayError) as err:
-            first = next((line for line in str(err).splitlines() if line.strip()), type(err).__name__)
-            raise TrainingStopped(
-                f"training failed ({first.strip()}); checkpoints are kept, start the same run.name to resume; "
-                "--verbose shows the workers' logs"
-            ) from err
+        prepare_run_dir(cfg, run_dir)
+        run_trainer(cfg, run_dir)
     finally:
         if started:
             ray.shutdown()
-    stop = run_dir / STOP_FILE
-    if stop.exists():
-        raise TrainingStopped(stop.read_text(encoding="utf-8").strip())
     return run_dir
 
 
-def _fit_trainer(cfg: Config, run_dir: Path) -> ray.train.Result:
+def prepare_run_dir(cfg: Config, run_dir: Path) -> None:
+    """Creates the run directory with its resolved config.yaml (a second start with the same name resumes)."""
+    if (run_dir / "config.yaml").exists():
+        done = max((m["step"] for m in read_metrics(run_dir)), default=0)
+        print(f"resuming {run_dir.name} (metrics up to step {done})", file=sys.stderr)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / STOP_FILE).unlink(missing_ok=True)
+    (run_dir / "config.yaml").write_text(to_yaml(cfg), encoding="utf-8")
+
+
+def run_trainer(cfg: Config, run_dir: Path, callbacks: list = (), progress: bool = True) -> None:
+    """Fits one TorchTrainer on the connected cluster; failures and self-stops become TrainingStopped."""
+    try:
+        _fit_trainer(cfg, run_dir, list(callbacks), progress)
+    except (ray.train.TrainingFailedError, ray.exceptions.RayError) as err:
+        first = next((line for line in str(err).splitlines() if line.strip()), type(err).__name__)
+        raise TrainingStopped(
+            f"training failed ({first.strip()}); checkpoints are kept, start the same run.name to resume; "
+            "--verbose shows the workers' logs"
+        ) from err
+    stop = run_dir / STOP_FILE
+    if stop.exists():
+        raise TrainingStopped(stop.read_text(encoding="utf-8").strip())
+
+
+def _fit_trainer(cfg: Config, run_dir: Path, callbacks: list, progress: bool) -> ray.train.Result:
     r = cfg.ray
     trainer = TorchTrainer(
         _worker_entry,
@@ -147,55 +153,35 @@ def _fit_trainer(cfg: Config, run_dir: Path) -> ray.train.Result:
             storage_path=r.storage_path or str(run_dir),
             failure_config=ray.train.FailureConfig(max_failures=r.max_failures),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=3),
+            callbacks=callbacks,
         ),
     )
-    with Progress(run_dir, cfg.train.steps):
+    with Progress(run_dir, cfg.train.steps) if progress else contextlib.nullcontext():
         return trainer.fit()
 
 
-class Progress:
+class Progress(Watcher):
     """A live progress line on stderr (step, loss, reward, KL, it/s), read from metrics.jsonl."""
 
     def __init__(self, run_dir: Path, total: int):
+        super().__init__()
         self.path, self.total = Path(run_dir) / METRICS_FILE, total
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
 
-    def __enter__(self):
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc):
-        self._stop.set()
-        self._thread.join(timeout=5)
-
-    def _run(self) -> None:
+    def begin(self) -> None:
         from tqdm import tqdm
 
-        offset = self.path.stat().st_size if self.path.exists() else 0
-        bar = tqdm(total=self.total, file=sys.stderr, desc="train", dynamic_ncols=True, mininterval=0.5)
-        while True:
-            stopping = self._stop.is_set()
-            offset = self._read(bar, offset)
-            if stopping:
-                break
-            time.sleep(0.25)
-        bar.close()
+        self.offset = self.path.stat().st_size if self.path.exists() else 0
+        self.bar = tqdm(total=self.total, file=sys.stderr, desc="train", dynamic_ncols=True, mininterval=0.5)
 
-    def _read(self, bar, offset: int) -> int:
-        if not self.path.exists():
-            return offset
-        with open(self.path, encoding="utf-8") as f:
-            f.seek(offset)
-            for line in f:
-                if not line.endswith("\n"):
-                    break
-                offset += len(line.encode("utf-8"))
-                rec = json.loads(line)
-                if "loss" in rec:
-                    bar.n = rec["step"]
-                    bar.set_postfix(loss=f"{rec['loss']:.4g}", reward=f"{rec.get('reward', float('nan')):.4g}", kl=f"{rec.get('kl', 0.0):.3g}", refresh=False)
-                    bar.refresh()
-                elif "eval/reward_mean" in rec:
-                    bar.write(f"eval step {rec['step']}: reward {rec['eval/reward_mean']:.4g} ± {rec['eval/reward_std']:.3g}, kl {rec['eval/kl']:.3g}", file=sys.stderr)
-        return offset
+    def poll(self) -> None:
+        records, self.offset = new_records(self.path, self.offset)
+        for rec in records:
+            if "loss" in rec:
+                self.bar.n = rec["step"]
+                self.bar.set_postfix(loss=f"{rec['loss']:.4g}", reward=f"{rec.get('reward', float('nan')):.4g}", kl=f"{rec.get('kl', 0.0):.3g}", refresh=False)
+                self.bar.refresh()
+            elif "eval/reward_mean" in rec:
+                self.bar.write(f"eval step {rec['step']}: reward {rec['eval/reward_mean']:.4g} ± {rec['eval/reward_std']:.3g}, kl {rec['eval/kl']:.3g}", file=sys.stderr)
+
+    def end(self) -> None:
+        self.bar.close()

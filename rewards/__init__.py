@@ -16,7 +16,7 @@ from rewards.registry import (  # noqa: E402
     register_diversity,
     register_reward,
 )
-from rewards import simple, diversity  # noqa: E402,F401  (registers the built-ins)
+from rewards import simple, diversity, toy  # noqa: E402,F401  (registers the built-ins)
 
 __all__ = [
     "REWARDS",

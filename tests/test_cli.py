@@ -107,3 +107,19 @@ def test_help(capsys):
             main(cmd)
         assert exc.value.code == 0
     assert "key=value" in capsys.readouterr().out
+
+
+def test_sweep_and_toy_bad_input(tmp_path, capsys):
+    configs = Path(__file__).parents[1] / "configs"
+    rc, err = _run(capsys, ["sweep", str(configs / "toy.yaml"), f"run.output_dir={tmp_path}/runs"])
+    assert rc == 2 and "no sweep section" in err and len(err.splitlines()) == 1
+    rc, err = _run(capsys, ["sweep", str(configs / "toy-kl-sweep.yaml"), "sweep.params={objective.kl_coeff: {grid: [-1]}}",
+                            f"run.output_dir={tmp_path}/runs"])
+    assert rc == 2 and "sweep.params.objective.kl_coeff" in err and len(err.splitlines()) == 1
+    rc, err = _run(capsys, ["toy", "check", "--model", str(tmp_path / "nope")])
+    assert rc == 2 and "does not exist" in err
+    existing = tmp_path / "taken.safetensors"
+    existing.write_bytes(b"x")
+    rc, err = _run(capsys, ["toy", "reward", "--out", str(existing)])
+    assert rc == 2 and "already exists" in err and existing.read_bytes() == b"x"
+    assert not (tmp_path / "runs").exists()

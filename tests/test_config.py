@@ -1,4 +1,4 @@
-"""Config: presets load, the embedded default is configs/tiny.yaml, overrides and `extends` merge."""
+"""Config: presets load, the embedded default is configs/toy.yaml, overrides and `extends` merge."""
 
 from pathlib import Path
 
@@ -15,8 +15,8 @@ def test_every_preset_validates(path):
     load_config(path)
 
 
-def test_tiny_yaml_is_the_embedded_default():
-    assert load_config(CONFIGS / "tiny.yaml") == Config() == load_config(None)
+def test_toy_yaml_is_the_embedded_default():
+    assert load_config(CONFIGS / "toy.yaml") == Config() == load_config(None)
 
 
 def test_extends_merges_sections_key_by_key():
@@ -34,12 +34,12 @@ def test_extends_cycle_is_an_error(tmp_path):
 
 
 def test_overrides_parse_yaml_values_and_win_over_file():
-    cfg = load_config(CONFIGS / "tiny.yaml", ["optim.lr=3e-4", "data.eval_seeds=[5, 6]", "ray.use_gpu=true"])
+    cfg = load_config(CONFIGS / "toy.yaml", ["optim.lr=3e-4", "data.eval_seeds=[5, 6]", "ray.use_gpu=true"])
     assert cfg.optim.lr == 3e-4 and cfg.data.eval_seeds == [5, 6] and cfg.ray.use_gpu is True
 
 
 def test_preset_kl_defaults():
-    assert load_config(None, ["objective.kl_coeff=null"]).objective.beta == 0.1
+    assert load_config(None, ["objective.kl_coeff=null"]).objective.beta == 0.03
     assert load_config(None, ["objective.preset=draft", "objective.kl_coeff=null"]).objective.beta == 0.0
 
 

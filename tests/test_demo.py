@@ -20,13 +20,13 @@ def test_draftray_train_end_to_end(tmp_path):
     assert run == tmp_path / "demo"
     names = {p.name for p in run.iterdir()}
     assert {"config.yaml", "metrics.jsonl", "samples", "checkpoints", "export", "tensorboard"} <= names
-    assert sorted(p.name for p in (run / "samples").iterdir()) == ["step_000000.png", "step_000002.png"]
+    assert sorted(p.name for p in (run / "samples").iterdir()) == ["base_vs_final.png", "step_000000.png", "step_000002.png"]
     assert (run / "export" / "pytorch_lora_weights.safetensors").is_file()
     assert "train" in proc.stderr and "reward" in proc.stderr  # the progress line
 
     # The exported LoRA (attention + conv targets) loads into diffusers through `draftray sample`.
     out = tmp_path / "samples"
-    cmd = [sys.executable, "-m", "rayjobs.cli", "sample", "--model", "tiny", "--lora", str(run / "export"),
+    cmd = [sys.executable, "-m", "rayjobs.cli", "sample", "--model", "toy", "--lora", str(run / "export"),
            "--prompt", "a red circle", "--steps", "3", "--out", str(out)]
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=120)
     assert proc.returncode == 0, proc.stderr[-3000:]

@@ -35,6 +35,12 @@ def test_run_writes_metrics_grids_checkpoints_and_export(tmp_path):
     assert [m["step"] for m in evals] == [0, 2]
     assert evals[0]["eval/kl"] == 0.0  # LoRA starts at the base model
     assert all(Path(m["eval/grid"]).is_file() for m in evals)
+    # base vs tuned, same prompts and seeds: the step-0 grid | 16 px gap | the final grid
+    from PIL import Image
+
+    sizes = [Image.open(m["eval/grid"]).size for m in evals]
+    compare = Image.open(tmp_path / "samples" / "base_vs_final.png")
+    assert compare.size == (sizes[0][0] + 16 + sizes[1][0], sizes[0][1])
     assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["local_step_000001", "local_step_000002"]
     ckpt = tmp_path / "checkpoints" / "local_step_000002"
     assert json.loads((ckpt / "state.json").read_text()) == {"step": 2}

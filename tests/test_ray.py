@@ -91,3 +91,31 @@ def test_worker_failure_beyond_max_failures_is_one_clear_error(cluster, tmp_path
     with pytest.raises(TrainingStopped, match="training failed .*start the same run.name to resume"):
         _fit(tmp_path, "dies", "train.steps=3", "train.checkpoint_every=1", "ray.max_failures=0", *reward)
     assert (tmp_path / "dies" / "checkpoints" / "step_000001" / "trainable.safetensors").is_file()
+
+
+# The toy default, shortened: 10 steps at a higher lr so DRaFT visibly hacks the reward within them.
+SWEEP_FAST = ["train.steps=10", "train.eval_every=10", "train.checkpoint_every=10", "optim.lr=3e-3", "data.eval_seeds=[0,1,2,3]"]
+
+
+def test_two_point_kl_sweep_shows_the_trade_off(cluster, tmp_path):
+    """kl_coeff 0 (DRaFT) vs a large kl_coeff on the toy world: DRaFT gains more reward, drifts further
+    from the reference (KL) and keeps less diversity. Both trials run at once (1 CPU each)."""
+    import csv
+
+    from rayjobs.sweep import run_sweep
+
+    cfg = load_config(Path(__file__).parents[1] / "configs" / "toy-kl-sweep.yaml", [
+        f"run.output_dir={tmp_path}", "sweep.name=kl2", "sweep.params={objective.kl_coeff: {grid: [0.0, 10.0]}}",
+        *SWEEP_FAST,
+    ])
+    out = run_sweep(cfg)
+    assert {"sweep.yaml", "points.csv", "pareto.png", "summary.md", "trials"} <= {p.name for p in out.iterdir()}
+    rows = list(csv.DictReader(open(out / "points.csv")))
+    final = {float(r["objective.kl_coeff"]): r for r in rows if int(r["step"]) == cfg.train.steps}
+    assert set(final) == {0.0, 10.0}
+    draft, anchored = final[0.0], final[10.0]
+    assert float(draft["reward"]) > float(anchored["reward"])
+    assert float(draft["kl"]) > float(anchored["kl"])
+    assert float(draft["diversity"]) < float(anchored["diversity"])
+    base = [r for r in rows if int(r["step"]) == 0]
+    assert len(base) == 2 and base[0]["reward"] == base[1]["reward"]  # step 0 is the same base model in every trial

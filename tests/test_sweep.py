@@ -1,0 +1,67 @@
+"""Sweep configuration without Ray: the sweep section validates, trials get the swept values, bad values fail early."""
+
+from pathlib import Path
+
+import pytest
+from ray import tune
+
+from rayjobs.config import ParamSpec, load_config
+from rayjobs.errors import UserError
+from rayjobs.sweep import _check_values, trial_config, tune_space
+
+CONFIGS = Path(__file__).parents[1] / "configs"
+
+
+def test_toy_kl_sweep_preset_spans_two_decades_and_includes_draft():
+    cfg = load_config(CONFIGS / "toy-kl-sweep.yaml")
+    kls = cfg.sweep.params["objective.kl_coeff"].grid
+    assert 0.0 in kls  # plain DRaFT is in the front
+    positive = [k for k in kls if k > 0]
+    assert max(positive) / min(positive) >= 100
+
+
+def test_tune_space_maps_each_kind():
+    space = tune_space({
+        "objective.kl_coeff": ParamSpec(grid=[0.0, 0.1]),
+        "optim.lr": ParamSpec(loguniform=(1e-4, 1e-2)),
+        "train.steps": ParamSpec(choice=[10, 20]),
+        "objective.reward_weight": ParamSpec(uniform=(0.5, 1.5)),
+    })
+    assert space["objective.kl_coeff"] == tune.grid_search([0.0, 0.1])
+    assert isinstance(space["optim.lr"], tune.search.sample.Float)
+    assert isinstance(space["train.steps"], tune.search.sample.Categorical)
+
+
+@pytest.mark.parametrize(
+    "spec, message",
+    [({}, "exactly one"), ({"grid": [1], "choice": [2]}, "exactly one"), ({"uniform": (2.0, 1.0)}, "low < high"),
+     ({"loguniform": (0.0, 1.0)}, "low > 0")],
+)
+def test_param_spec_errors(spec, message):
+    with pytest.raises(ValueError, match=message):
+        ParamSpec(**spec)
+
+
+def test_trial_config_sets_values_name_and_drops_sweep(tmp_path):
+    cfg = load_config(CONFIGS / "toy-kl-sweep.yaml")
+    base = cfg.model_dump(mode="json")
+    trial = trial_config(base, {"objective.kl_coeff": 0.03, "optim.lr": 1e-5}, "t7", str(tmp_path))
+    assert trial.objective.beta == 0.03 and trial.optim.lr == 1e-5  # 1e-5 stays a float (no YAML round trip)
+    assert trial.run.name == "t7" and trial.run.output_dir == str(tmp_path)
+    assert trial.sweep is None
+
+
+def test_bad_swept_key_or_value_fails_before_any_trial():
+    base_cfg = load_config(CONFIGS / "toy-kl-sweep.yaml", ["sweep.params={objective.kl_cof: {grid: [0.1]}}"])
+    with pytest.raises(UserError, match=r"sweep.params.objective.kl_cof: .*unknown key"):
+        _check_values(base_cfg, base_cfg.model_dump(mode="json"))
+    bad = load_config(CONFIGS / "toy-kl-sweep.yaml", ["sweep.params={objective.kl_coeff: {grid: [0.1, -1]}}"])
+    with pytest.raises(UserError, match=r"value -1 gives an invalid config"):
+        _check_values(bad, bad.model_dump(mode="json"))
+
+
+def test_sweep_without_section_is_a_clear_error():
+    from rayjobs.sweep import run_sweep
+
+    with pytest.raises(UserError, match="no sweep section"):
+        run_sweep(load_config(None))
