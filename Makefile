@@ -20,7 +20,7 @@ $(DEV): $(RUNTIME)
 	$(PIP) -e '.[dev]'
 	touch $@
 
-## DRaFT+ on the embedded tiny model, local Ray; prints the run directory.
+## DRaFT+ on the embedded toy model (shipped weights), local Ray; prints the run directory.
 demo: $(RUNTIME)
 	$(VENV)/bin/draftray train
 

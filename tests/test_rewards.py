@@ -170,3 +170,14 @@ def test_pairwise_rms_bad_inputs():
         metric([torch.rand(1, 3, 4, 4)])
     with pytest.raises(ValueError):
         metric([])
+
+
+def test_lpips_diversity_offline_zero_for_identical_images():
+    """The lpips package's AlexNet LPIPS, random backbone (no download), shipped linear heads."""
+    metric = build_diversity("lpips")
+    assert metric.backbone == "random(seed=0)"
+    same = rand_images(1).repeat(3, 1, 1, 1)
+    assert metric([same]) == pytest.approx(0.0, abs=1e-6)
+    assert metric([rand_images(3, seed=1)]) > metric([same + 0.01 * rand_images(3, seed=2)]) > 0
+    with pytest.raises(ValueError, match=">= 2 images"):
+        metric([same[:1]])
