@@ -83,9 +83,8 @@ def _check(images: torch.Tensor, prompts: list[str]) -> None:
         raise ValueError(f"got {images.shape[0]} images but {len(prompts)} prompts")
 
 
-@register_reward("toy_appeal")
-class ToyAppeal(nn.Module):
-    """Predicted appeal of each image (prompt-agnostic): higher for large, centred, high-contrast shapes."""
+class _ToyNetReward(nn.Module):
+    """A reward read off the frozen ToyNet (shipped weights unless ``weights`` names a file)."""
 
     def __init__(self, weights: str | None = None):
         super().__init__()
@@ -93,20 +92,25 @@ class ToyAppeal(nn.Module):
 
     def forward(self, images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
         _check(images, prompts)
-        return self.net(images)["appeal"]  # [B]
+        return self.score(self.net(images), prompts)
+
+    def score(self, outputs: dict[str, torch.Tensor], prompts: list[str]) -> torch.Tensor: ...
+
+
+@register_reward("toy_appeal")
+class ToyAppeal(_ToyNetReward):
+    """Predicted appeal of each image (prompt-agnostic): higher for large, centred, high-contrast shapes."""
+
+    def score(self, outputs: dict[str, torch.Tensor], prompts: list[str]) -> torch.Tensor:
+        return outputs["appeal"]  # [B]
 
 
 @register_reward("toy_caption")
-class ToyCaption(nn.Module):
+class ToyCaption(_ToyNetReward):
     """Sum over the attributes the caption names (shape, colour, and size / background when said) of log p(attribute)."""
 
-    def __init__(self, weights: str | None = None):
-        super().__init__()
-        self.net = load_toy_net(weights)
-
-    def forward(self, images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
-        _check(images, prompts)
-        logp = {head: logits.float().log_softmax(-1) for head, logits in self.net(images).items() if head in VOCAB}
+    def score(self, outputs: dict[str, torch.Tensor], prompts: list[str]) -> torch.Tensor:
+        logp = {head: logits.float().log_softmax(-1) for head, logits in outputs.items() if head in VOCAB}
         scores = []
         for i, prompt in enumerate(prompts):
             said = [(head, VOCAB[head].index(value)) for head, value in parse_caption(prompt).items() if value is not None]
