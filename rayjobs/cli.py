@@ -82,7 +82,7 @@ def _toy_parser(sub) -> None:
     p.add_argument("--seed", type=int, default=0, help="init and data seed")
     p.add_argument("--vae-steps", type=int, default=None, help="VAE optimizer steps (default: PretrainSettings)")
     p.add_argument("--unet-steps", type=int, default=None, help="UNet + text encoder optimizer steps (default: PretrainSettings)")
-    r = ys.add_parser("reward", help="train the toy reward model / classifier (about 4 min on 2 CPU cores)")
+    r = ys.add_parser("reward", help="train the toy reward model / classifier (about 7 min on 2 CPU cores)")
     r.add_argument("--out", required=True, help="output .safetensors; the shipped copy is rewards/weights/toy_net.safetensors")
     r.add_argument("--steps", type=int, default=None, help="optimizer steps (default: RewardTrainSettings)")
     c = ys.add_parser("check", help="caption accuracy of a model's samples, judged by the toy classifier")
@@ -123,9 +123,12 @@ def _toy(args) -> int:
         from rayjobs.toy import caption_accuracy
 
         from models.components import ModelNotFoundError
+        from models.export import LORA_FILE
 
-        if args.lora and not (Path(args.lora) / "pytorch_lora_weights.safetensors").is_file():
-            raise UserError(f"--lora {args.lora}: no pytorch_lora_weights.safetensors there (give a run's export/ directory)")
+        if args.steps < 1:
+            raise UserError(f"--steps must be >= 1, got {args.steps}")
+        if args.lora and not (Path(args.lora) / LORA_FILE).is_file():
+            raise UserError(f"--lora {args.lora}: no {LORA_FILE} there (give a run's export/ directory)")
         try:
             report = caption_accuracy(args.model, steps=args.steps, guidance=args.guidance, lora=args.lora)
         except ModelNotFoundError as err:

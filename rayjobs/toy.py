@@ -26,7 +26,7 @@ from diffusers import AutoencoderKL
 from tqdm import tqdm
 
 from models.components import Components, build_small_sd, save_components
-from models.objective import min_snr_weight, snr
+from models.objective import denoise_term, min_snr_weight, snr
 from models.tokenizer import write_compact_tokenizer
 from rewards.toyworld import ToyWorld
 
@@ -86,9 +86,10 @@ def train_vae(vae: AutoencoderKL, world: ToyWorld, s: PretrainSettings, log) -> 
         torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
         opt.step()
         sched.step()
-        bar.set_postfix(mse=f"{mse.item():.4f}", refresh=False)
+        value = mse.item()
+        bar.set_postfix(mse=f"{value:.4f}", refresh=False)
         if step % 100 == 0 or step == s.vae_steps - 1:
-            log({"stage": "vae", "step": step, "mse": mse.item()})
+            log({"stage": "vae", "step": step, "mse": value})
     vae.eval().requires_grad_(False)
 
 
@@ -131,7 +132,7 @@ def train_denoiser(comps: Components, world: ToyWorld, s: PretrainSettings, log)
         noisy = sched_.add_noise(latents, noise, t)
         eps = unet(noisy, t, cond).sample
         weight = min_snr_weight(snr(alphas, t), s.min_snr_gamma, "epsilon")  # [B]
-        loss = (weight * (eps - noise).pow(2).flatten(1).mean(1)).mean()
+        loss = denoise_term(eps, noise, weight).mean()
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -140,9 +141,10 @@ def train_denoiser(comps: Components, world: ToyWorld, s: PretrainSettings, log)
         with torch.no_grad():
             decay = min(s.ema_decay, (1 + step) / (10 + step))
             _ema_update(ema, [p.detach() for p in params], decay)
-        bar.set_postfix(loss=f"{loss.item():.4f}", refresh=False)
+        value = loss.item()
+        bar.set_postfix(loss=f"{value:.4f}", refresh=False)
         if step % 100 == 0 or step == s.unet_steps - 1:
-            log({"stage": "unet", "step": step, "loss": loss.item()})
+            log({"stage": "unet", "step": step, "loss": value})
     with torch.no_grad():
         for p, e in zip(params, ema):
             p.copy_(e)

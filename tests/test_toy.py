@@ -80,3 +80,16 @@ def test_samples_follow_their_captions(net):
     assert images.shape == (len(batch), 3, 32, 32)
     accuracy = float(caption_match(net, images, batch)["both"].float().mean())
     assert accuracy >= MIN_CAPTION_ACCURACY, f"caption accuracy {accuracy:.2f}"
+
+
+def test_pretrain_command_writes_a_loadable_model_with_card(tmp_path):
+    """`draftray toy pretrain`, cut to 2 + 2 steps: a diffusers-layout directory the loaders read back."""
+    from rayjobs.cli import main
+
+    out = tmp_path / "toy"
+    assert main(["toy", "pretrain", "--out", str(out), "--vae-steps", "2", "--unet-steps", "2"]) == 0
+    comps = load_components(str(out))
+    assert comps.unet.config.sample_size == 8 and comps.vae.config.scaling_factor > 0
+    assert {"README.md", "pretrain.json"} <= {p.name for p in out.iterdir()}
+    assert sorted(p.name for p in (out / "tokenizer").iterdir()) == ["merges.txt", "tokenizer_config.json", "vocab.json"]
+    assert main(["toy", "pretrain", "--out", str(out)]) == 2  # never overwrites
