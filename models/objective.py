@@ -129,14 +129,24 @@ class Objective:
 
     def _sampled_terms(self, policy: Policy, batch: dict) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         out = sample(policy, batch["prompts"], self.sampler, batch["generator"], with_ref=self.w.kl > 0)
-        rewards = self.reward(out.images, batch["prompts"])  # [B]
+        rewards, parts = score_parts(self.reward, out.images, batch["prompts"])  # [B], {name: [B]}
         total = self.w.reward * reward_term(rewards)
         metrics = {"reward": rewards.detach().mean(), "reward_std": rewards.detach().std(unbiased=False)}
+        metrics.update({f"reward/{name}": r.detach().mean() for name, r in parts.items()})
         if self.w.kl:
             kl = kl_term(out.eps, out.eps_ref)  # [B]
             total = total + self.w.kl * kl
             metrics["kl"] = kl.detach().mean()
         return total, metrics
+
+
+def score_parts(reward: Reward, images: torch.Tensor, prompts: list[str]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """(R [B], {component: raw score [B]}). A reward made of several (rewards.combine.RewardSum) offers
+    ``parts``; any other reward is its own single component, reported as {} (nothing extra to log)."""
+    parts = getattr(reward, "parts", None)
+    if parts is not None:
+        return parts(images, prompts)
+    return reward(images, prompts), {}
 
 
 def denoise_loss(

@@ -1,4 +1,4 @@
-"""The `draftray` command: train, sweep, sample, toy.
+"""The `draftray` command: train, sweep, sample, score, weights, toy.
 
 Bad input prints one line ``draftray: error: ...`` and exits 2 with nothing
 written; a run that stops itself (non-finite loss) exits 1.
@@ -53,7 +53,35 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--width", type=int, default=None, help="pixels (default: the model's native size)")
     s.add_argument("--num-images", type=int, default=1, help="how many images")
     s.add_argument("--out", required=True, help="output directory for PNGs")
+    _score_parser(sub)
+    _weights_parser(sub)
     return p
+
+
+def _score_parser(sub) -> None:
+    c = sub.add_parser("score", help="score a folder of images with registered rewards (and a diversity metric)")
+    c.description = (
+        "Score every *.png/*.jpg/*.jpeg in --images with each reward (no gradients); print a table and a summary "
+        "(mean, std, min, max, what each reward is), e.g. `draftray score --reward pickscore,hpsv2 --images samples/ "
+        "--prompts prompts.txt --out scores.csv`."
+    )
+    c.add_argument("--reward", required=True, help="comma-separated reward names, e.g. pickscore,hpsv2")
+    c.add_argument("--images", required=True, help="directory of *.png / *.jpg / *.jpeg images (not searched recursively)")
+    c.add_argument("--prompts", required=True, help="a .jsonl file (file_name, prompt per line) or text (one prompt a line, file-name order)")
+    c.add_argument("--diversity", help="diversity metric over the images sharing a prompt, e.g. lpips")
+    c.add_argument("--set", dest="settings", action="append", default=[], metavar="NAME.KEY=VALUE",
+                   help="a reward's or the metric's setting, e.g. pickscore.model=/models/PickScore_v1 (repeatable)")  # fmt: skip
+    c.add_argument("--batch-size", type=int, default=8, help="images per forward pass")
+    c.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="auto = cuda when available")
+    c.add_argument("--out", help="also write the table here as CSV (a new .csv path)")
+
+
+def _weights_parser(sub) -> None:
+    w = sub.add_parser("weights", help="list or download the preference rewards' and LPIPS' weights")
+    ws = w.add_subparsers(dest="weights_command", required=True)
+    ws.add_parser("list", help="each weight location with default settings, and whether it is on this machine")
+    f = ws.add_parser("fetch", help="download the default weights of rewards / metrics (network needed)")
+    f.add_argument("names", nargs="+", metavar="NAME", help="e.g. pickscore hpsv2 lpips")
 
 
 def _train(args) -> int:
@@ -152,11 +180,25 @@ def _sample(args) -> int:
     return 0
 
 
+def _score(args) -> int:
+    from rayjobs.score import score
+
+    options = ("reward", "images", "prompts", "diversity", "settings", "batch_size", "device", "out")
+    return score(**{k: getattr(args, k) for k in options})
+
+
+def _weights(args) -> int:
+    from rayjobs.weights import weights_fetch, weights_list
+
+    return weights_list() if args.weights_command == "list" else weights_fetch(args.names)
+
+
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     args = _parser().parse_args(argv)
     try:
-        return {"train": _train, "sweep": _sweep, "toy": _toy, "sample": _sample}[args.command](args)
+        commands = {"train": _train, "sweep": _sweep, "toy": _toy, "sample": _sample, "score": _score, "weights": _weights}
+        return commands[args.command](args)
     except UserError as err:
         print(f"draftray: error: {err}", file=sys.stderr)
         return err.exit_code

@@ -25,7 +25,7 @@ import torch.distributed as dist
 import rewards
 from models.components import load_components
 from models.export import export
-from models.objective import Objective, Weights, kl_term
+from models.objective import Objective, Weights, kl_term, score_parts
 from models.policy import Policy
 from models.sampler import SamplerSettings, sample
 from rayjobs import checkpoint
@@ -120,9 +120,10 @@ class Worker:
             # DDP averages gradients across ranks in backward. LoRA/full leave no unused parameters.
             ids = [ctx.device.index] if ctx.device.type == "cuda" else None
             self.policy.net = torch.nn.parallel.DistributedDataParallel(self.policy.unet, device_ids=ids)
-        self.reward = rewards.build_reward(cfg.reward.name, **cfg.reward.kwargs)
+        self.reward = rewards.build_reward_sum(cfg.reward.specs())
         if isinstance(self.reward, torch.nn.Module):
-            self.reward.to(ctx.device)
+            # Frozen reward weights in the compute dtype (bf16 on GPU): half the memory, bf16 activations.
+            self.reward.to(ctx.device, self.dtype)
         self.diversity = rewards.build_diversity(cfg.diversity.name, **cfg.diversity.kwargs)
         self.settings = sampler_settings(cfg)
         weights = Weights(reward=cfg.objective.reward_weight, kl=cfg.objective.beta)
@@ -182,14 +183,17 @@ class Worker:
     def evaluate(self) -> tuple[dict[str, float], list[torch.Tensor]]:
         """Fixed eval prompts x fixed seeds: reward mean/std, KL to the reference, diversity."""
         net, self.policy.net = self.policy.net, self.policy.unet  # rank 0 alone: bypass DDP
-        rewards_, kls, images = [], [], []
+        rewards_, parts, kls, images = [], {}, [], []
         try:
             for prompt in self.cfg.data.eval_prompts:
                 seeds = self.cfg.data.eval_seeds
                 gens = [torch.Generator().manual_seed(s) for s in seeds]
                 with self.autocast():
                     out = sample(self.policy, [prompt] * len(seeds), self.settings, gens, with_ref=True, track_grad=False)
-                    rewards_.append(self.reward(out.images, [prompt] * len(seeds)).float())
+                    total, components = score_parts(self.reward, out.images, [prompt] * len(seeds))  # [N], {name: [N]}
+                rewards_.append(total.float())
+                for name, r in components.items():
+                    parts.setdefault(name, []).append(r.float())
                 kls.append(kl_term(out.eps, out.eps_ref).float())
                 images.append(out.images.float().cpu())  # [N, 3, H, W]
         finally:
@@ -201,6 +205,7 @@ class Worker:
             "eval/kl": float(torch.cat(kls).mean()),
             f"eval/diversity_{self.cfg.diversity.name}": self.diversity(images),
         }
+        metrics.update({f"eval/reward_{name}": float(torch.cat(vals).mean()) for name, vals in parts.items()})
         return metrics, images
 
     def save(self, directory: Path, step: int) -> None:

@@ -97,9 +97,9 @@ def run_sweep(cfg: Config, verbose: bool = False) -> Path:
     """Runs every trial, then writes points.csv, pareto.png and summary.md; returns the sweep directory."""
     if cfg.sweep is None:
         raise UserError("sweep: the config has no sweep section (see configs/toy-kl-sweep.yaml)")
+    cfg = preflight(cfg)
     base = cfg.model_dump(mode="json")
     _check_values(cfg, base)
-    preflight(cfg)
     out = sweep_dir_for(cfg)
     started = connect(cfg, verbose)
     try:

@@ -20,7 +20,7 @@ from ray.train.torch import TorchConfig, TorchTrainer
 
 import rewards
 from models.components import ModelNotFoundError, check_model_source
-from rayjobs.config import Config, to_yaml
+from rayjobs.config import Config, DiversityConfig, to_yaml
 from rayjobs.errors import TrainingStopped, UserError
 from rayjobs.loop import STOP_FILE, load_prompts, train_loop
 from rayjobs.runlog import METRICS_FILE, Watcher, new_records, read_metrics
@@ -57,19 +57,44 @@ def _worker_entry(config: dict) -> None:
     train_loop(cfg, Path(config["run_dir"]), RayContext())
 
 
-def preflight(cfg: Config) -> None:
-    """Every check that needs no cluster: bad input fails here, before anything is written."""
+def preflight(cfg: Config) -> Config:
+    """Every check that needs no cluster: bad input fails here, before anything is written.
+
+    Returns the config to run: the same, except that a diversity metric whose weights are absent is
+    replaced by its fallback (printed, and recorded in the run's config.yaml).
+    """
     load_prompts(cfg)
     try:
         check_model_source(cfg.model.name_or_path)
     except ModelNotFoundError as err:
         raise UserError(f"model.name_or_path: {err}") from None
-    for section, build in (("reward", rewards.build_reward), ("diversity", rewards.build_diversity)):
-        spec = getattr(cfg, section)
+    for i, spec in enumerate(cfg.reward.specs()):
+        where = f"reward.terms.{i}" if cfg.reward.terms else "reward"
         try:
-            build(spec.name, **spec.kwargs)
+            rewards.check(spec.name, spec.kwargs, "reward", where=f"{where}.kwargs")
+        except rewards.MissingWeightsError as err:
+            raise UserError(str(err)) from None  # already names the key
         except (rewards.UnknownNameError, ValueError) as err:
-            raise UserError(f"{section}: {err}") from None
+            raise UserError(f"{where}: {err}") from None
+    return _checked_diversity(cfg)
+
+
+def _checked_diversity(cfg: Config) -> Config:
+    d = cfg.diversity
+    try:
+        rewards.check(d.name, d.kwargs, "diversity", where="diversity.kwargs")
+        return cfg
+    except rewards.MissingWeightsError as err:
+        # A location the user named explicitly is an error; only absent default weights fall back.
+        explicit = {src.key for src in rewards.sources_of(d.name, d.kwargs, "diversity")} & set(d.kwargs)
+        if not d.fallback or explicit:
+            raise UserError(str(err)) from None
+        print(f"draftray: diversity: {d.name} unavailable ({err}); using {d.fallback} instead", file=sys.stderr)
+        cfg = cfg.model_copy(deep=True)
+        cfg.diversity = DiversityConfig(name=d.fallback, fallback=None)
+        return _checked_diversity(cfg)
+    except (rewards.UnknownNameError, ValueError) as err:
+        raise UserError(f"diversity: {err}") from None
 
 
 def run_dir_for(cfg: Config) -> Path:
@@ -102,7 +127,7 @@ def connect(cfg: Config, verbose: bool = False) -> bool:
 
 def fit(cfg: Config, verbose: bool = False) -> Path:
     """Runs (or resumes) training; returns the run directory."""
-    preflight(cfg)
+    cfg = preflight(cfg)
     run_dir = run_dir_for(cfg)
     started = connect(cfg, verbose)
     try:

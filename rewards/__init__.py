@@ -15,8 +15,13 @@ from rewards.registry import (  # noqa: E402
     build_reward,
     register_diversity,
     register_reward,
+    check,
+    check_batch,
+    sources_of,
 )
-from rewards import simple, diversity, toy  # noqa: E402,F401  (registers the built-ins)
+from rewards import simple, diversity, toy, preference  # noqa: E402,F401  (registers the built-ins)
+from rewards.combine import RewardSum, TermSpec, affine, build_reward_sum  # noqa: E402
+from rewards.sources import MissingWeightsError, Source  # noqa: E402
 
 __all__ = [
     "REWARDS",
@@ -26,4 +31,13 @@ __all__ = [
     "build_diversity",
     "register_reward",
     "register_diversity",
+    "check",
+    "check_batch",
+    "sources_of",
+    "RewardSum",
+    "TermSpec",
+    "affine",
+    "build_reward_sum",
+    "MissingWeightsError",
+    "Source",
 ]

@@ -20,6 +20,14 @@ class DiversityMetric(Protocol):
     def __call__(self, images_per_prompt: list[torch.Tensor]) -> float: ...
 
 
+def check_batch(images: torch.Tensor, prompts: list[str]) -> None:
+    """The Reward contract's input check: images [B, 3, H, W] and one prompt per image."""
+    if images.ndim != 4 or images.shape[1] != 3:
+        raise ValueError(f"images must be [B, 3, H, W], got {tuple(images.shape)}")
+    if len(prompts) != images.shape[0]:
+        raise ValueError(f"got {images.shape[0]} images but {len(prompts)} prompts")
+
+
 class UnknownNameError(KeyError):
     def __str__(self) -> str:  # KeyError quotes its message; keep it one clean line
         return str(self.args[0])
@@ -76,3 +84,29 @@ def build_reward(name: str, **kwargs) -> Reward:
 
 def build_diversity(name: str, **kwargs) -> DiversityMetric:
     return _build(DIVERSITY_METRICS, "diversity metric", name, kwargs)
+
+
+def sources_of(name: str, kwargs: dict[str, Any], kind: str = "reward") -> list:
+    """The weight locations (rewards.sources.Source) a reward or metric needs with these settings;
+    [] for builders that list none (weight-free or shipped weights)."""
+    table = REWARDS if kind == "reward" else DIVERSITY_METRICS
+    builder = _lookup(table, kind, name)
+    list_sources = getattr(builder, "sources", None)
+    return list(list_sources(**kwargs)) if list_sources else []
+
+
+def check(name: str, kwargs: dict[str, Any], kind: str = "reward", where: str = "reward.kwargs") -> None:
+    """Start-up check without loading big weights: a builder that lists its weight locations has them
+    resolved and probed (MissingWeightsError names ``where``.<setting>); any other builder is built."""
+    from dataclasses import replace
+
+    from rewards.sources import probe, resolve
+
+    table = REWARDS if kind == "reward" else DIVERSITY_METRICS
+    builder = _lookup(table, kind, name)
+    if not hasattr(builder, "sources"):
+        _build(table, kind, name, kwargs)
+        return
+    for src in sources_of(name, kwargs, kind):
+        src = replace(src, key=f"{where}.{src.key}")  # messages name the config key
+        probe(src, resolve(src))

@@ -9,16 +9,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from rewards.registry import register_reward
+from rewards.registry import check_batch, register_reward
 
 _LUMA = (0.299, 0.587, 0.114)  # ITU-R BT.601 luma weights
-
-
-def _check(images: torch.Tensor, prompts: list[str]) -> None:
-    if images.ndim != 4 or images.shape[1] != 3:
-        raise ValueError(f"images must be [B, 3, H, W], got {tuple(images.shape)}")
-    if len(prompts) != images.shape[0]:
-        raise ValueError(f"got {images.shape[0]} images but {len(prompts)} prompts")
 
 
 @register_reward("colorfulness")
@@ -34,7 +27,7 @@ class Colorfulness(nn.Module):
         self.eps = eps
 
     def forward(self, images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
-        _check(images, prompts)
+        check_batch(images, prompts)
         r, g, b = images.float().unbind(1)  # 3 x [B, H, W]
         rg = (r - g).flatten(1)  # [B, H*W]
         yb = (0.5 * (r + g) - b).flatten(1)
@@ -54,7 +47,7 @@ class TargetColor(nn.Module):
         self.register_buffer("color", torch.tensor(color).view(1, 3, 1, 1), persistent=False)
 
     def forward(self, images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
-        _check(images, prompts)
+        check_batch(images, prompts)
         diff = images.float() - self.color.to(images.device)  # [B, 3, H, W]
         return -diff.pow(2).sum(1).flatten(1).mean(1)  # [B]
 
@@ -71,6 +64,6 @@ class Brightness(nn.Module):
         self.register_buffer("luma", torch.tensor(_LUMA).view(1, 3, 1, 1), persistent=False)
 
     def forward(self, images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
-        _check(images, prompts)
+        check_batch(images, prompts)
         luma = (images.float() * self.luma.to(images.device)).sum(1)  # [B, H, W]
         return -(luma.flatten(1).mean(1) - self.target).abs()  # [B]

@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from rewards.diversity import mean_pairwise
-from rewards.registry import register_diversity, register_reward
+from rewards.registry import check_batch, register_diversity, register_reward
 from rewards.toyworld import COLOR_NAMES, SHAPES, SIZE_NAMES, parse_caption
 
 WEIGHTS = Path(__file__).parent / "weights" / "toy_net.safetensors"
@@ -78,11 +78,6 @@ def load_toy_net(weights: str | Path | None = None) -> ToyNet:
     return net.requires_grad_(False).eval()
 
 
-def _check(images: torch.Tensor, prompts: list[str]) -> None:
-    if len(prompts) != images.shape[0]:
-        raise ValueError(f"got {images.shape[0]} images but {len(prompts)} prompts")
-
-
 class _ToyNetReward(nn.Module):
     """A reward read off the frozen ToyNet (shipped weights unless ``weights`` names a file)."""
 
@@ -91,7 +86,7 @@ class _ToyNetReward(nn.Module):
         self.net = load_toy_net(weights)
 
     def forward(self, images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
-        _check(images, prompts)
+        check_batch(images, prompts)
         return self.score(self.net(images), prompts)
 
     def score(self, outputs: dict[str, torch.Tensor], prompts: list[str]) -> torch.Tensor: ...
@@ -123,7 +118,7 @@ def caption_match(net: ToyNet, images: torch.Tensor, prompts: list[str]) -> dict
 
     "both" (shape AND colour right) is issue 3's caption accuracy.
     """
-    _check(images, prompts)
+    check_batch(images, prompts)
     with torch.no_grad():
         logits = net(images)
     want = [parse_caption(p) for p in prompts]

@@ -22,10 +22,15 @@ def _run(capsys, argv):
         ("sampler.truncation_steps=11", ["truncation_steps", "<= steps"]),
         ("train.steps=0", ["train.steps", "greater than or equal to 1"]),
         ("sampler.steps=0", ["sampler.steps"]),
-        ("objective.preset=draft", None),  # valid: checked below with a bad one
+        ("objective.preset=draft", None),  # valid: checked below with a bad one (the None rows all run that case)
         ("model.name_or_path=/nonexistent/sd15", ["model.name_or_path", "/nonexistent/sd15", "does not exist"]),
         ("reward.name=nope", ["reward", "unknown reward 'nope'", "colorfulness"]),
         ("reward.kwargs={color: [2, 0, 0]}", ["reward", "color"]),
+        ("reward.name=pickscore", ["reward.kwargs.model", "yuvalkirstain/PickScore_v1", "draftray weights fetch pickscore"]),
+        ("reward.name=hpsv2.1", ["reward.kwargs.checkpoint", "HPS_v2.1_compressed.pt", "draftray weights fetch hpsv2.1"]),
+        ("reward.mean=3", ["reward", "mean/std"]),
+        ("diversity={name: lpips, kwargs: {backbone: /no/alexnet.pth}}", ["diversity.kwargs.backbone", "/no/alexnet.pth"]),
+        ("diversity={name: lpips, fallback: null}", ["diversity.kwargs.backbone", "draftray weights fetch lpips"]),
         ("noequals", ["override", "key=value"]),
     ],
 )

@@ -29,7 +29,10 @@ def test_registry_lists_builtins():
     assert "pairwise_rms" in DIVERSITY_METRICS
 
 
-@pytest.mark.parametrize("name", sorted(REWARDS))
+WEIGHT_FREE = sorted(n for n, b in REWARDS.items() if not hasattr(b, "sources"))  # the rest: test_clip_rewards.py
+
+
+@pytest.mark.parametrize("name", WEIGHT_FREE)
 def test_build_each_reward_frozen(name):
     reward = build_reward(name)
     assert callable(reward)
@@ -91,7 +94,7 @@ def test_bad_inputs(name):
 
 
 def test_rewards_never_disable_grad():
-    for module in (rewards.simple, rewards.registry):
+    for module in (rewards.simple, rewards.registry, rewards.preference, rewards.clip, rewards.preprocess, rewards.combine):
         src = inspect.getsource(module)
         assert "no_grad" not in src and "inference_mode" not in src and ".detach()" not in src
 
@@ -174,10 +177,29 @@ def test_pairwise_rms_bad_inputs():
 
 def test_lpips_diversity_offline_zero_for_identical_images():
     """The lpips package's AlexNet LPIPS, random backbone (no download), shipped linear heads."""
-    metric = build_diversity("lpips")
-    assert metric.backbone == "random(seed=0)"
+    metric = build_diversity("lpips", backbone="random")
+    assert "random backbone" in metric.describe()
     same = rand_images(1).repeat(3, 1, 1, 1)
     assert metric([same]) == pytest.approx(0.0, abs=1e-6)
     assert metric([rand_images(3, seed=1)]) > metric([same + 0.01 * rand_images(3, seed=2)]) > 0
     with pytest.raises(ValueError, match=">= 2 images"):
         metric([same[:1]])
+
+
+def test_lpips_loads_torchvision_backbone_weights(tmp_path):
+    """A torchvision AlexNet state_dict file (the layout of alexnet-owt-7be5be79.pth) lands in lpips' slices."""
+    import torchvision
+
+    torch.manual_seed(3)
+    sd = torchvision.models.alexnet(weights=None).state_dict()
+    torch.save(sd, tmp_path / "alexnet.pth")
+    metric = build_diversity("lpips", backbone=str(tmp_path / "alexnet.pth"))
+    assert "imagenet weights alexnet.pth" in metric.describe()
+    net = metric.model.net
+    assert torch.equal(getattr(net.slice1, "0").weight, sd["features.0.weight"])
+    assert torch.equal(getattr(net.slice5, "10").bias, sd["features.10.bias"])
+    same = rand_images(1).repeat(2, 1, 1, 1)
+    assert metric([same]) == pytest.approx(0.0, abs=1e-6) and metric([rand_images(3, seed=4)]) > 0
+    torch.save({"classifier.1.weight": sd["classifier.1.weight"]}, tmp_path / "other.pth")
+    with pytest.raises(rewards.MissingWeightsError, match="backbone: .*lacks features.0.weight"):
+        build_diversity("lpips", backbone=str(tmp_path / "other.pth"))
