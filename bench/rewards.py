@@ -22,6 +22,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import torch  # noqa: E402
 
 import rewards  # noqa: E402
+from models.tokenizer import clip_tokenizer_dir  # noqa: E402
 from rewards.builders import register_tiny_open_clip, save_aesthetic_head, save_hf_clip, save_open_clip  # noqa: E402
 
 PROMPTS = ["a photo of an astronaut riding a horse", "a watercolor lighthouse at dawn"]
@@ -33,10 +34,14 @@ def builders(root: Path, size: str) -> dict:
     if size == "tiny":
         arch, dim = register_tiny_open_clip(root / "oc"), 16
         hf_h = hf_l = root / "hf"
-        save_h = save_l = lambda: save_hf_clip(hf_h)  # one tiny CLIP stands in for both ViT-H and ViT-L
+        save_h = save_l = lambda: save_hf_clip(hf_h, clip_tokenizer_dir())  # one tiny CLIP stands in for both ViT-H and ViT-L
     else:
         arch, dim, hf_h, hf_l = "ViT-H-14", 768, root / "h14", root / "l14"
-        save_h, save_l = (lambda: save_hf_clip(hf_h, "real-h14")), (lambda: save_hf_clip(hf_l, "real-l14"))
+        def save_h():
+            return save_hf_clip(hf_h, clip_tokenizer_dir(), "real-h14")
+
+        def save_l():
+            return save_hf_clip(hf_l, clip_tokenizer_dir(), "real-l14")
 
     def once(save, path):  # write a model directory the first time a reward needs it
         if not path.exists():

@@ -40,12 +40,11 @@ def hf_clip_config(size: str = "tiny", image_size: int = 224):
     return CLIPConfig(text_config=text, vision_config=vision, projection_dim=s["projection"])
 
 
-def save_hf_clip(directory: str | Path, size: str = "tiny", seed: int = 0) -> Path:
-    """A random CLIPModel saved with save_pretrained, plus the CLIP tokenizer and image-processor files
-    (the layout of PickScore_v1 + its processor, or of openai/clip-vit-large-patch14)."""
+def save_hf_clip(directory: str | Path, tokenizer_dir: str | Path, size: str = "tiny", seed: int = 0) -> Path:
+    """A random CLIPModel saved with save_pretrained, plus the CLIP tokenizer files copied from
+    ``tokenizer_dir`` (e.g. models.tokenizer.clip_tokenizer_dir(), built offline) and the image-processor
+    config: the layout of PickScore_v1 + its processor, or of openai/clip-vit-large-patch14."""
     from transformers import CLIPModel
-
-    from models.tokenizer import clip_tokenizer_dir
 
     directory = Path(directory)
     torch.manual_seed(seed)
@@ -54,7 +53,7 @@ def save_hf_clip(directory: str | Path, size: str = "tiny", seed: int = 0) -> Pa
     model = CLIPModel(hf_clip_config(size)).eval()
     with quiet_transformers():
         model.save_pretrained(str(directory))
-    for f in clip_tokenizer_dir().iterdir():  # the offline CLIP BPE (models/tokenizer.py)
+    for f in Path(tokenizer_dir).iterdir():
         shutil.copy(f, directory / f.name)
     image_processor(model.config.vision_config.image_size).save_pretrained(str(directory))
     return directory

@@ -66,7 +66,13 @@ class HFClip(nn.Module):
         except Exception as err:  # noqa: BLE001
             raise MissingWeightsError(f"{key}: {what}: cannot load {model_dir} ({str(err).splitlines()[0]})") from None
         self.model = _frozen(model)
-        self.tokenizer = None if vision_only else CLIPTokenizer.from_pretrained(str(tokenizer_dir or model_dir))
+        self.tokenizer = None
+        if not vision_only:
+            try:
+                self.tokenizer = CLIPTokenizer.from_pretrained(str(tokenizer_dir or model_dir))
+            except Exception as err:  # noqa: BLE001
+                where = tokenizer_dir or model_dir
+                raise MissingWeightsError(f"{key}: {what}: no CLIP tokenizer in {where} ({str(err).splitlines()[0]})") from None
         vision = self.model.config if vision_only else self.model.config.vision_config
         self.size = vision.image_size
         self.mean, self.std = _processor_stats(tokenizer_dir or model_dir)

@@ -18,6 +18,7 @@ loading anything; ``draftray weights fetch NAME`` downloads the defaults.
 from __future__ import annotations
 
 import inspect
+from collections import OrderedDict
 
 import torch
 import torch.nn.functional as F
@@ -37,11 +38,18 @@ AESTHETIC_HEAD = (
 )
 
 
+TEXT_CACHE = 4096  # distinct prompts whose text features a reward keeps
+
+
 class _ClipReward(nn.Module):
     """Shared forward: preprocess -> image and text features -> cosine -> ``from_cosine``."""
 
     name = "clip"
     encoder: HFClip | OpenClip
+
+    def __init__(self):
+        super().__init__()
+        self._text_cache: OrderedDict = OrderedDict()  # (prompt, (device, dtype, autocast)) -> unit features [D]
 
     @classmethod
     def sources(cls, **kwargs) -> list[Source]:
@@ -66,10 +74,24 @@ class _ClipReward(nn.Module):
     def cosine(self, images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
         check_batch(images, prompts)
         img = F.normalize(self.encoder.image_features(self.pixels(images)).float(), dim=-1)  # [B, D]
-        unique = sorted(set(prompts))  # encode each distinct prompt once
-        txt = F.normalize(self.encoder.text_features(unique).float(), dim=-1)  # [U, D]
-        txt = txt[torch.tensor([unique.index(p) for p in prompts], device=txt.device)]  # [B, D]
-        return (img * txt).sum(-1)  # [B]
+        return (img * self.text_embeddings(prompts)).sum(-1)  # [B]
+
+    def text_embeddings(self, prompts: list[str]) -> torch.Tensor:
+        """Unit text features [B, D], float32. Frozen weights and a constant input: a prompt's features
+        never change, so the last TEXT_CACHE distinct prompts are kept (keyed by device, dtype and autocast too)
+        and each step encodes only prompts it has not seen."""
+        w = next(self.parameters())
+        mode = (w.device, w.dtype, torch.is_autocast_enabled(w.device.type))
+        new = sorted({p for p in prompts if (p, mode) not in self._text_cache})
+        if new:
+            feats = F.normalize(self.encoder.text_features(new).float(), dim=-1)  # [U, D]
+            for p, f in zip(new, feats):
+                self._text_cache[(p, mode)] = f
+        for p in prompts:
+            self._text_cache.move_to_end((p, mode))
+        while len(self._text_cache) > TEXT_CACHE:
+            self._text_cache.popitem(last=False)  # least recently used
+        return torch.stack([self._text_cache[(p, mode)] for p in prompts])  # [B, D]
 
     def forward(self, images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
         return self.from_cosine(self.cosine(images, prompts))

@@ -14,6 +14,7 @@ from PIL import Image
 
 import rewards
 from models.objective import Objective, Weights
+from models.tokenizer import clip_tokenizer_dir
 from models.policy import Policy
 from models.sampler import SamplerSettings
 from rewards import MissingWeightsError, build_reward
@@ -27,7 +28,7 @@ def weights(tmp_path_factory):
     root = tmp_path_factory.mktemp("reward-weights")
     arch = register_tiny_open_clip(root / "open_clip")
     return {
-        "hf": save_hf_clip(root / "hf"),
+        "hf": save_hf_clip(root / "hf", clip_tokenizer_dir()),
         "arch": arch,
         "hps": save_open_clip(root / "hps.pt", arch),
         "head": save_aesthetic_head(root / "head.pth", dim=16),
@@ -332,3 +333,20 @@ def test_real_architectures_have_the_published_shapes():
     millions = [round(sum(p.numel() for p in m.parameters()) / 1e6) for m in (hps, h14, l14)]
     assert millions == [986, 986, 428]  # ViT-H-14 (open_clip and transformers), ViT-L/14
     assert l14.config.projection_dim == 768  # the aesthetic head's input
+
+
+def test_text_features_are_encoded_once_per_prompt(weights, monkeypatch):
+    import rewards.preference as preference
+
+    reward = build("pickscore", weights)
+    calls = []
+    encode = reward.encoder.text_features
+    monkeypatch.setattr(reward.encoder, "text_features", lambda prompts: calls.append(list(prompts)) or encode(prompts))
+    images = torch.rand(4, 3, 32, 32, generator=torch.Generator().manual_seed(5))
+    first = reward(images, PROMPTS)
+    again = reward(images, PROMPTS)
+    assert torch.equal(first, again)
+    assert calls == [sorted(set(PROMPTS))]  # three distinct prompts, encoded once, in one batch
+    monkeypatch.setattr(preference, "TEXT_CACHE", 2)
+    reward(images[:1], ["a new prompt"])
+    assert len(reward._text_cache) == 2  # least recently used prompts dropped

@@ -11,6 +11,7 @@ import torch
 from PIL import Image
 
 import rewards
+from models.tokenizer import clip_tokenizer_dir
 from rayjobs.cli import main
 
 PROMPTS = ["a red circle", "a red circle", "a large blue square on a white background", "a small green triangle"]
@@ -22,7 +23,7 @@ def weights(tmp_path_factory):
     from rewards import builders
 
     d = tmp_path_factory.mktemp("weights")
-    clip = builders.save_hf_clip(d / "clip")
+    clip = builders.save_hf_clip(d / "clip", clip_tokenizer_dir())
     arch = builders.register_tiny_open_clip(d / "open_clip")
     hps = builders.save_open_clip(d / "hps.pt", arch)
     head = builders.save_aesthetic_head(d / "head.pth", dim=16)
