@@ -144,7 +144,3 @@ class OpenClip(nn.Module):
     def text_features(self, prompts: list[str]) -> torch.Tensor:
         device = next(self.model.parameters()).device
         return self.model.encode_text(self.tokenizer(prompts).to(device))  # [B, 77] tokens -> [B, D]
-
-    @property
-    def logit_scale(self) -> torch.Tensor:
-        return self.model.logit_scale
