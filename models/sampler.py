@@ -73,15 +73,31 @@ def sample(
     with_ref: bool = False,
     track_grad: bool = True,
     latents: torch.Tensor | None = None,
+    blend: tuple[float, ...] | None = None,
 ) -> SampleOutput:
-    """Draw one image per prompt; gradient flows through the last K steps when ``track_grad``."""
+    """Draw one image per prompt; gradient flows through the last K steps when ``track_grad``.
+
+    ``blend`` (inference only): per-step weights w_i of annealed importance guidance,
+    eps_i = (1 - w_i) eps_ref + w_i eps (models/inference.py); w_i = 0 or 1 runs one network only,
+    so an all-0 blend is exactly the reference model and an all-1 blend exactly the policy.
+    """
+    if blend is not None and (track_grad or len(blend) != settings.steps):
+        raise ValueError(f"blend is for inference (track_grad=False) and needs one weight per step ({settings.steps})")
     if not track_grad:  # pure inference: inference_mode skips autograd bookkeeping (faster than no_grad)
         with torch.inference_mode():
-            return _sample(policy, prompts, settings, generator, with_ref, False, latents)
-    return _sample(policy, prompts, settings, generator, with_ref, True, latents)
+            return _sample(policy, prompts, settings, generator, with_ref, False, latents, blend)
+    return _sample(policy, prompts, settings, generator, with_ref, True, latents, None)
 
 
-def _sample(policy, prompts, settings, generator, with_ref, track_grad, latents) -> SampleOutput:
+def _blended_eps(policy: Policy, x_t, t, cond, guidance: float, w: float) -> torch.Tensor:
+    """(1 - w) eps_ref + w eps, computing only the networks whose weight is non-zero."""
+    if w == 1.0:
+        return policy.eps(x_t, t, cond, guidance)
+    ref = policy.eps_ref(x_t, t, cond, guidance)
+    return ref if w == 0.0 else (1 - w) * ref + w * policy.eps(x_t, t, cond, guidance)
+
+
+def _sample(policy, prompts, settings, generator, with_ref, track_grad, latents, blend=None) -> SampleOutput:
     comps = policy.components
     scheduler = comps.scheduler
     unet_param = next(comps.unet.parameters())
@@ -98,6 +114,8 @@ def _sample(policy, prompts, settings, generator, with_ref, track_grad, latents)
             x_t = scheduler.scale_model_input(latents, t)
             if grad_step and settings.gradient_checkpointing:
                 eps = checkpoint(policy.eps, x_t, t, cond, settings.guidance, use_reentrant=False)
+            elif blend is not None:
+                eps = _blended_eps(policy, x_t, t, cond, settings.guidance, blend[i])
             else:
                 eps = policy.eps(x_t, t, cond, settings.guidance)
             if i >= first_grad:

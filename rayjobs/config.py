@@ -256,6 +256,25 @@ class ParamSpec(_Strict):
         return self
 
 
+class InferenceKnobs(_Strict):
+    """Points evaluated on each finished trial's final weights without more training (models/inference.py);
+    they join the front marked by kind. Each costs one evaluation (eval prompts x seeds) per trial."""
+
+    lora_scales: list[float] = Field([], description="LoRA scales s, 0 <= s < 1 (s = 0 is the base model; 1 is the trained point itself)")
+    aig: list[str] = Field([], description="annealed importance guidance schedules: linear, power_<p>, step_<f>, e.g. [linear, power_2, step_0.5]")
+
+    @model_validator(mode="after")
+    def _valid(self):
+        from models.inference import parse_aig
+
+        bad = [s for s in self.lora_scales if not 0.0 <= s < 1.0]
+        if bad:
+            raise ValueError(f"lora_scales must be in [0, 1), got {bad}")
+        for label in self.aig:
+            parse_aig(label)
+        return self
+
+
 class SweepConfig(_Strict):
     """`draftray sweep`: Ray Tune trials, each a full training run with the swept keys changed.
 
@@ -273,6 +292,7 @@ class SweepConfig(_Strict):
     )
     reward_metric: str = Field("eval/reward_mean", description="the front's reward axis (maximised)")
     diversity_metric: str | None = Field(None, description="the front's diversity axis (maximised); None = eval/diversity_<diversity.name>")
+    inference: InferenceKnobs = InferenceKnobs()
 
 
 class Config(_Strict):

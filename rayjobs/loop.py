@@ -180,8 +180,9 @@ class Worker:
         return out
 
     @torch.no_grad()
-    def evaluate(self) -> tuple[dict[str, float], list[torch.Tensor]]:
-        """Fixed eval prompts x fixed seeds: reward mean/std, KL to the reference, diversity."""
+    def evaluate(self, blend: tuple[float, ...] | None = None) -> tuple[dict[str, float], list[torch.Tensor]]:
+        """Fixed eval prompts x fixed seeds: reward mean/std, KL to the reference, diversity.
+        ``blend``: per-step AIG weights (models/inference.py) for inference-time points."""
         net, self.policy.net = self.policy.net, self.policy.unet  # rank 0 alone: bypass DDP
         rewards_, parts, kls, images = [], {}, [], []
         try:
@@ -189,7 +190,7 @@ class Worker:
                 seeds = self.cfg.data.eval_seeds
                 gens = [torch.Generator().manual_seed(s) for s in seeds]
                 with self.autocast():
-                    out = sample(self.policy, [prompt] * len(seeds), self.settings, gens, with_ref=True, track_grad=False)
+                    out = sample(self.policy, [prompt] * len(seeds), self.settings, gens, with_ref=True, track_grad=False, blend=blend)
                     total, components = score_parts(self.reward, out.images, [prompt] * len(seeds))  # [N], {name: [N]}
                 rewards_.append(total.float())
                 for name, r in components.items():

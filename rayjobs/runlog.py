@@ -15,6 +15,7 @@ import torch
 from PIL import Image
 
 METRICS_FILE = "metrics.jsonl"
+INFERENCE_FILE = "inference.jsonl"  # inference-time points of a sweep trial (rayjobs/knobs.py)
 
 
 def image_grid(images_per_prompt: list[torch.Tensor], min_cell: int = 128) -> np.ndarray:
@@ -131,8 +132,9 @@ class Watcher:
     def end(self) -> None: ...
 
 
-def read_metrics(run_dir: Path) -> list[dict]:
-    path = Path(run_dir) / METRICS_FILE
+def read_metrics(run_dir: Path, name: str = METRICS_FILE) -> list[dict]:
+    """The records of a run's JSON-lines file (metrics.jsonl, or inference.jsonl of rayjobs/knobs.py)."""
+    path = Path(run_dir) / name
     if not path.exists():
         return []
     return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]

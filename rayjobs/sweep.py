@@ -29,6 +29,7 @@ from rayjobs.config import Config, ParamSpec, set_dotted, to_yaml, validate
 from rayjobs.errors import TrainingStopped, UserError
 from rayjobs.pareto import collect_points, get_dotted, plot_front, write_points, write_summary
 from rayjobs.runlog import Watcher, new_records
+from rayjobs.knobs import run_knobs_remote
 from rayjobs.train import connect, preflight, prepare_run_dir, run_trainer
 
 TRIALS = "trials"
@@ -118,6 +119,7 @@ def run_sweep(cfg: Config, verbose: bool = False) -> Path:
         )
         with SweepProgress(out / TRIALS, list(cfg.sweep.params), cfg.sweep.reward_metric, _diversity_key(cfg)):
             results = tuner.fit()
+        _inference_points(cfg, out / TRIALS, [r for r in results if r.error is None])
     finally:
         if started:
             ray.shutdown()
@@ -126,6 +128,17 @@ def run_sweep(cfg: Config, verbose: bool = False) -> Path:
     if failed:
         raise TrainingStopped(f"{len(failed)} of {len(results)} trials failed (see {out / TRIALS}); the front uses the rest")
     return out
+
+
+def _inference_points(cfg: Config, trials_dir: Path, finished: list) -> None:
+    """LoRA-scale and AIG points on each finished trial's final weights (sweep.inference; rayjobs/knobs.py)."""
+    knobs = cfg.sweep.inference
+    if not (knobs.lora_scales or knobs.aig) or not finished:
+        return
+    run_dirs = [d for d in sorted(trials_dir.glob("*")) if (d / "config.yaml").exists()]
+    print(f"sweep: inference-time points ({len(knobs.lora_scales)} LoRA scales, {len(knobs.aig)} AIG schedules) "
+          f"on {len(run_dirs)} trials", file=sys.stderr, flush=True)  # fmt: skip
+    run_knobs_remote(cfg, run_dirs)
 
 
 def summarize(out: Path, cfg: Config) -> list[dict]:

@@ -46,6 +46,21 @@ def test_table_and_plot_written(trials, tmp_path):
     text = write_summary(pts, keys, tmp_path / "summary.md")
     plot_front(pts, keys, tmp_path / "pareto.png", "eval/reward_mean", "eval/diversity_x")
     header = (tmp_path / "points.csv").read_text().splitlines()[0]
-    assert header == "trial,objective.kl_coeff,step,reward,diversity,kl,on_front,grid"
-    assert "| 0 | 10 | 3 | 0.1 | 0 | yes |" in text and "| 1 | 10 | 2 | 0.4 | 0 | yes |" in text
+    assert header == "trial,objective.kl_coeff,step,kind,knob,reward,diversity,kl,on_front,grid"
+    assert "| 0 | 10 | trained | 3 | 0.1 | 0 | yes |" in text and "| 1 | 10 | trained | 2 | 0.4 | 0 | yes |" in text
     assert (tmp_path / "pareto.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_inference_points_join_the_front(trials, tmp_path):
+    """inference.jsonl points (rayjobs/knobs.py) are read with their kind and knob, and can be on the front."""
+    rows = [{"step": 10, "kind": "lora_scale", "knob": "0.5", "eval/reward_mean": 2.5, "eval/diversity_x": 0.35, "eval/kl": 0.01},
+            {"step": 10, "kind": "aig", "knob": "power_2", "eval/reward_mean": 1.5, "eval/diversity_x": 0.2, "eval/kl": 0.0}]  # fmt: skip
+    (trials / "t0" / "inference.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    keys = ["objective.kl_coeff"]
+    pts = collect_points(trials, keys, "eval/reward_mean", "eval/diversity_x")
+    extra = [p for p in pts if p["kind"] != "trained"]
+    assert [(p["kind"], p["knob"], p["on_front"]) for p in extra] == [("lora_scale", "0.5", True), ("aig", "power_2", False)]
+    text = write_summary(pts, keys, tmp_path / "summary.md")
+    assert "| 0 | 10 | lora_scale 0.5 | 2.5 | 0.35 |" in text
+    plot_front(pts, keys, tmp_path / "pareto.png", "eval/reward_mean", "eval/diversity_x")
+    assert (tmp_path / "pareto.png").stat().st_size > 0

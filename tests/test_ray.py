@@ -106,11 +106,21 @@ def test_two_point_kl_sweep_shows_the_trade_off(cluster, tmp_path):
 
     cfg = load_config(Path(__file__).parents[1] / "configs" / "toy-kl-sweep.yaml", [
         f"run.output_dir={tmp_path}", "sweep.name=kl2", "sweep.params={objective.kl_coeff: {grid: [0.0, 10.0]}}",
-        *SWEEP_FAST,
+        "sweep.inference={lora_scales: [0.0], aig: [draft]}", *SWEEP_FAST,
     ])
     out = run_sweep(cfg)
     assert {"sweep.yaml", "points.csv", "pareto.png", "summary.md", "trials"} <= {p.name for p in out.iterdir()}
     rows = list(csv.DictReader(open(out / "points.csv")))
+    # Inference-time points on each trial's final weights: LoRA scale 0 is the base model and AIG 'draft'
+    # (w = 1 throughout) the trained model, so they reproduce the step-0 and final evaluations.
+    for kl in (0.0, 10.0):
+        mine = [r for r in rows if float(r["objective.kl_coeff"]) == kl]
+        by_kind = {(r["kind"], r["knob"]): r for r in mine if r["kind"] != "trained" or int(r["step"]) in (0, cfg.train.steps)}
+        trained_last = [r for r in mine if r["kind"] == "trained" and int(r["step"]) == cfg.train.steps][0]
+        base = [r for r in mine if r["kind"] == "trained" and int(r["step"]) == 0][0]
+        assert float(by_kind[("lora_scale", "0")]["reward"]) == pytest.approx(float(base["reward"]), abs=1e-5)
+        assert float(by_kind[("aig", "draft")]["reward"]) == pytest.approx(float(trained_last["reward"]), abs=1e-5)
+    rows = [r for r in rows if r["kind"] == "trained"]
     final = {float(r["objective.kl_coeff"]): r for r in rows if int(r["step"]) == cfg.train.steps}
     assert set(final) == {0.0, 10.0}
     draft, anchored = final[0.0], final[10.0]
