@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import torch
 from safetensors.torch import load_file
 
 from models.inference import aig_weights, lora_scale, parse_aig
@@ -32,7 +31,7 @@ def latest_weights(run_dir: Path) -> tuple[int, Path] | None:
 
 
 def evaluate_knobs(cfg: Config, run_dir: Path, lora_scales: list[float], aig: list[str], device: str = "cpu") -> list[dict]:
-    """One evaluation per knob on the trial's final weights; records appended to <run_dir>/inference.jsonl."""
+    """One evaluation per knob on the trial's final weights; records written to <run_dir>/inference.jsonl (replacing an earlier pass)."""
     latest = latest_weights(run_dir)
     if latest is None or not (lora_scales or aig):
         return []
