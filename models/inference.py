@@ -15,10 +15,12 @@ with w_i from a schedule: ``base`` (0), ``draft`` (1), ``linear`` (i/T), ``power
 from __future__ import annotations
 
 import contextlib
+from typing import TYPE_CHECKING
 
 import torch
 
-from models.policy import Policy
+if TYPE_CHECKING:  # annotations only: parse_aig is used by the config schema, which must not import peft
+    from models.policy import Policy
 
 SCHEDULES = ("base", "draft", "linear", "power", "step")
 

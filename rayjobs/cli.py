@@ -1,4 +1,4 @@
-"""The `draftray` command: train, sweep, sample, score, weights, toy.
+"""The `draftray` command: train, sweep, pareto, sample, score, weights, toy.
 
 Bad input prints one line ``draftray: error: ...`` and exits 2 with nothing
 written; a run that stops itself (non-finite loss) exits 1.
@@ -32,12 +32,17 @@ def _parser() -> argparse.ArgumentParser:
     w = sub.add_parser("sweep", help="Ray Tune sweep over config keys; writes the reward-diversity Pareto front")
     w.description = (
         "Run every trial of CONFIG's sweep: section (e.g. configs/toy-kl-sweep.yaml), each a full training run, then "
-        "write points.csv, pareto.png and summary.md. Prints the sweep directory as the last line on stdout."
+        "write trials.csv, pareto.csv, pareto.json, pareto.png, front/ and summary.md. Prints the sweep directory as the "
+        "last line on stdout. `draftray sweep --resume SWEEP_DIR` continues a sweep whose driver stopped."
     )
-    w.add_argument("config", help="YAML config with a sweep: section")
+    w.add_argument("config", nargs="?", help="YAML config with a sweep: section (not with --resume)")
+    w.add_argument("--resume", metavar="SWEEP_DIR", help="continue this sweep (finished trials are kept, unfinished ones resume)")
     w.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides of the base config, e.g. train.steps=20")
     w.add_argument("--address", help="Ray cluster address to join (default: $RAY_ADDRESS, else start a local Ray)")
     w.add_argument("--verbose", action="store_true", help="Tune's status table and the workers' logs")
+
+    a = sub.add_parser("pareto", help="rebuild a sweep's front, plot, grids and summary from its trials.csv")
+    a.add_argument("sweep_dir", help="a sweep directory (holds trials.csv and sweep.yaml)")
 
     _toy_parser(sub)
 
@@ -124,9 +129,23 @@ def _toy_parser(sub) -> None:
 def _sweep(args) -> int:
     overrides = list(args.overrides) + ([f"ray.address={args.address}"] if args.address else [])
     from rayjobs.config import load_config
-    from rayjobs.sweep import run_sweep
+    from rayjobs.sweep import resume_sweep, run_sweep
 
+    if args.resume:
+        if args.config or overrides:
+            raise UserError("--resume: give only the sweep directory (its sweep.yaml holds the config)")
+        print(resume_sweep(args.resume, verbose=args.verbose))
+        return 0
+    if not args.config:
+        raise UserError("sweep: give a CONFIG with a sweep: section, or --resume SWEEP_DIR")
     print(run_sweep(load_config(args.config, overrides), verbose=args.verbose))
+    return 0
+
+
+def _pareto(args) -> int:
+    from rayjobs.pareto import rebuild
+
+    print(rebuild(args.sweep_dir))
     return 0
 
 
@@ -197,7 +216,7 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     args = _parser().parse_args(argv)
     try:
-        commands = {"train": _train, "sweep": _sweep, "toy": _toy, "sample": _sample, "score": _score, "weights": _weights}
+        commands = {"train": _train, "sweep": _sweep, "pareto": _pareto, "toy": _toy, "sample": _sample, "score": _score, "weights": _weights}
         return commands[args.command](args)
     except UserError as err:
         print(f"draftray: error: {err}", file=sys.stderr)

@@ -257,7 +257,7 @@ class ParamSpec(_Strict):
 
 
 class InferenceKnobs(_Strict):
-    """Points evaluated on each finished trial's final weights without more training (models/inference.py);
+    """Points evaluated on every checkpoint of each trial without more training (models/inference.py);
     they join the front marked by kind. Each costs one evaluation (eval prompts x seeds) per trial."""
 
     lora_scales: list[float] = Field([], description="LoRA scales s, 0 <= s < 1 (s = 0 is the base model; 1 is the trained point itself)")
@@ -275,6 +275,17 @@ class InferenceKnobs(_Strict):
         return self
 
 
+class ASHAConfig(_Strict):
+    """Asynchronous successive halving (Tune's ASHAScheduler) on one eval metric: at each rung a trial
+    below the top 1/reduction_factor of the trials that reached the rung is stopped. Rungs are at
+    grace_period * reduction_factor**k optimizer steps; a trial is only judged at its evaluations, so
+    rungs should fall on multiples of train.eval_every."""
+
+    metric: str | None = Field(None, description="the eval metric judged (maximised); None = sweep.reward_metric")
+    grace_period: int = Field(..., ge=1, description="optimizer steps every trial runs before it can be stopped")
+    reduction_factor: float = Field(2.0, gt=1, description="keep the top 1/reduction_factor at each rung")
+
+
 class SweepConfig(_Strict):
     """`draftray sweep`: Ray Tune trials, each a full training run with the swept keys changed.
 
@@ -290,9 +301,32 @@ class SweepConfig(_Strict):
     max_concurrent: int | None = Field(
         None, ge=1, description="trials at once; None = cluster CPUs (GPUs with ray.use_gpu) // what one trial's workers take"
     )
+    search: Literal["basic", "optuna"] = Field(
+        "basic",
+        description="basic: Tune's grid/random generator (every grid value x num_samples draws); optuna: Optuna's "
+        "multi-objective sampler (NSGA-II) maximising reward_metric and diversity_metric together, num_samples trials, "
+        "no grid keys (use choice)",
+    )
+    scheduler: ASHAConfig | None = Field(None, description="early stopping of weak trials (None = every trial runs to train.steps)")
+    max_failures: int = Field(
+        1, ge=0, description="times a failed trial is restarted (from its last checkpoint) before it is recorded as failed in trials.csv"
+    )
+    checkpoint_evals: bool = Field(
+        True,
+        description="checkpoint at every evaluation and keep them all, so every point of the front has its weights (and its "
+        "inference-time points); False = train.checkpoint_every and only the last 3 (saves disk with full fine-tuning)",
+    )
     reward_metric: str = Field("eval/reward_mean", description="the front's reward axis (maximised)")
     diversity_metric: str | None = Field(None, description="the front's diversity axis (maximised); None = eval/diversity_<diversity.name>")
     inference: InferenceKnobs = InferenceKnobs()
+
+    @model_validator(mode="after")
+    def _search_fits(self):
+        if self.search == "optuna":
+            grid = [k for k, spec in self.params.items() if spec.grid is not None]
+            if grid:
+                raise ValueError(f"search optuna draws every key; use choice instead of grid for {', '.join(grid)}")
+        return self
 
 
 class Config(_Strict):

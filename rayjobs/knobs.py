@@ -1,14 +1,16 @@
 """Inference-time points of a sweep: LoRA scale and annealed importance guidance (issue 5).
 
-For a finished trial, its final trainable weights (the latest checkpoint) are evaluated again on the
-same eval prompts and seeds, once per knob, without more training. Each evaluation is a candidate
-point of the front, written to <trial>/inference.jsonl with its kind ("lora_scale" or "aig") and
-knob value, beside the trial's own metrics.jsonl.
+Every checkpoint of a trial (with sweep.checkpoint_evals: every evaluated step) is evaluated again
+on the same eval prompts and seeds, once per knob, without more training. Each evaluation is a
+candidate point of the front, written to <trial>/inference.jsonl with its kind ("lora_scale" or
+"aig"), knob value and sample grid (<trial>/samples/step_<step>_<kind>_<knob>.png), beside the
+trial's own metrics.jsonl. Points already in inference.jsonl are not evaluated again (--resume).
 """
 
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 from safetensors.torch import load_file
@@ -17,40 +19,56 @@ from models.inference import aig_weights, lora_scale, parse_aig
 from rayjobs import checkpoint
 from rayjobs.config import Config, load_config
 from rayjobs.loop import LocalContext, Worker
-from rayjobs.runlog import INFERENCE_FILE
+from rayjobs.runlog import INFERENCE_FILE, read_metrics, save_grid
 
 
-
-def latest_weights(run_dir: Path) -> tuple[int, Path] | None:
-    """(step, trainable.safetensors) of the newest checkpoint under <run_dir>/checkpoints, or None."""
-    found = []
+def checkpoints(run_dir: Path) -> list[tuple[int, Path]]:
+    """(step, checkpoint directory) of every complete checkpoint under <run_dir>/checkpoints, by step."""
+    found = {}
     for state in Path(run_dir).glob("checkpoints/*/" + checkpoint.STATE):
         if (state.parent / checkpoint.WEIGHTS).is_file():
-            found.append((json.loads(state.read_text(encoding="utf-8"))["step"], state.parent / checkpoint.WEIGHTS))
-    return max(found) if found else None
+            found[json.loads(state.read_text(encoding="utf-8"))["step"]] = state.parent
+    return sorted(found.items())
+
+
+def knob_labels(lora_scales: list[float], aig: list[str]) -> list[tuple[str, str]]:
+    """[(kind, knob)] in the order they are evaluated; knob is the label written to the records."""
+    return [("lora_scale", f"{s:g}") for s in lora_scales] + [("aig", label) for label in aig]
+
+
+def _evaluate(worker: Worker, kind: str, knob: str) -> tuple[dict, list]:
+    if kind == "lora_scale":
+        with lora_scale(worker.policy, float(knob)):
+            return worker.evaluate()
+    schedule, p, f = parse_aig(knob)
+    return worker.evaluate(blend=aig_weights(schedule, worker.cfg.sampler.steps, p=p, f=f))
 
 
 def evaluate_knobs(cfg: Config, run_dir: Path, lora_scales: list[float], aig: list[str], device: str = "cpu") -> list[dict]:
-    """One evaluation per knob on the trial's final weights; records written to <run_dir>/inference.jsonl (replacing an earlier pass)."""
-    latest = latest_weights(run_dir)
-    if latest is None or not (lora_scales or aig):
+    """Each knob on each checkpoint (step > 0: step 0 is the base model itself) of the trial in run_dir.
+
+    Returns the records evaluated now; inference.jsonl is rewritten (atomically) with these and the earlier ones.
+    """
+    run_dir = Path(run_dir)
+    known = {(r["step"], r["kind"], r["knob"]): r for r in read_metrics(run_dir, INFERENCE_FILE)}
+    todo = [(step, d, [k for k in knob_labels(lora_scales, aig) if (step, *k) not in known]) for step, d in checkpoints(run_dir) if step > 0]
+    todo = [t for t in todo if t[2]]
+    if not todo:
         return []
-    step, weights = latest
     worker = Worker(cfg, LocalContext(run_dir, device))
-    worker.policy.load_trainable_state_dict(load_file(weights))
-    records = []
-    for scale in lora_scales:
-        with lora_scale(worker.policy, scale):
-            metrics, _ = worker.evaluate()
-        records.append({"step": step, "kind": "lora_scale", "knob": f"{scale:g}", **metrics})
-    for label in aig:
-        schedule, p, f = parse_aig(label)
-        metrics, _ = worker.evaluate(blend=aig_weights(schedule, cfg.sampler.steps, p=p, f=f))
-        records.append({"step": step, "kind": "aig", "knob": label, **metrics})
-    with open(Path(run_dir) / INFERENCE_FILE, "w", encoding="utf-8") as out:
-        for rec in records:
-            out.write(json.dumps(rec) + "\n")
-    return records
+    new = []
+    for step, directory, knobs in todo:
+        worker.policy.load_trainable_state_dict(load_file(directory / checkpoint.WEIGHTS))
+        for kind, knob in knobs:
+            metrics, images = _evaluate(worker, kind, knob)
+            grid = run_dir / "samples" / f"step_{step:06d}_{kind}_{knob}.png"
+            save_grid(images, grid)
+            new.append({"step": step, "kind": kind, "knob": knob, **metrics, "eval/grid": str(grid)})
+    records = sorted([*known.values(), *new], key=lambda r: (r["step"], r["kind"], r["knob"]))
+    tmp = run_dir / (INFERENCE_FILE + ".tmp")
+    tmp.write_text("".join(json.dumps(r) + "\n" for r in records), encoding="utf-8")
+    os.replace(tmp, run_dir / INFERENCE_FILE)
+    return new
 
 
 def run_knobs_remote(cfg: Config, run_dirs: list[Path]) -> None:

@@ -31,10 +31,9 @@ from models.sampler import SamplerSettings, sample
 from rayjobs import checkpoint
 from rayjobs.config import Config
 from rayjobs.errors import UserError
-from rayjobs.runlog import RunLog
+from rayjobs.runlog import STOP_FILE, STOP_REQUEST, RunLog
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
-STOP_FILE = "STOPPED"  # written by rank 0 when training stops itself (non-finite loss)
 
 
 class WorkerContext(Protocol):
@@ -104,6 +103,13 @@ def _seed(*parts: int) -> int:
     return int(np.random.SeedSequence([p & 0xFFFFFFFF for p in parts]).generate_state(2, np.uint64)[0] >> 1)
 
 
+def eval_metric_names(cfg: Config) -> set[str]:
+    """Every metric an evaluation reports (Worker.evaluate), by name: what a sweep axis or scheduler may use."""
+    labels = rewards.component_labels(cfg.reward.specs())
+    fixed = {"eval/reward_mean", "eval/reward_std", "eval/kl", f"eval/diversity_{cfg.diversity.name}"}
+    return fixed | {f"eval/reward_{label}" for label in labels}
+
+
 class Worker:
     """Everything one rank holds: policy, objective, optimizer, schedule, reward, metric."""
 
@@ -144,9 +150,11 @@ class Worker:
         prompts = random.Random(seed).choices(self.prompts, k=self.cfg.train.batch_size)
         return {"prompts": prompts, "generator": torch.Generator().manual_seed(seed)}
 
-    def train_step(self, step: int) -> dict[str, float]:
+    def train_step(self, step: int, stop_requested: bool = False) -> dict[str, float]:
         """One optimizer step over grad_accum micro-batches; metrics averaged over ranks.
 
+        ``stop_requested`` (rank 0's view of a stop request) travels in the same all-reduce, so every
+        rank sees ``stop_requested`` > 0 in the result at the same step.
         Returns metrics including ``finite`` (0.0 when any rank saw a non-finite loss or
         gradient norm, in which case no update was applied).
         """
@@ -166,12 +174,14 @@ class Worker:
         keys = sorted(totals)
         stats = torch.stack([totals[k].to(self.ctx.device) for k in keys])  # [M]
         bad = (~torch.isfinite(stats)).any().float().reshape(1)
-        stats = torch.cat([stats, bad])  # [M + 1]
+        stop = torch.tensor([float(stop_requested)], device=stats.device)
+        stats = torch.cat([stats, stop, bad])  # [M + 2]
         if self.ctx.world_size > 1:
             dist.all_reduce(stats)  # sum over ranks
-            stats[:-1] /= self.ctx.world_size
+            stats[:-2] /= self.ctx.world_size
         values = stats.tolist()  # the one host sync per optimizer step
-        out = dict(zip(keys, values[:-1]))
+        out = dict(zip(keys, values[:-2]))
+        out["stop_requested"] = values[-2]
         out["finite"] = float(values[-1] == 0)
         if out["finite"]:
             out["lr"] = self.schedule.get_last_lr()[0]
@@ -237,8 +247,12 @@ def train_loop(cfg: Config, run_dir: Path, ctx: WorkerContext) -> None:
                 log.log(start, {"resumed_from_step": start})
         for step in range(start, total):
             t0 = time.perf_counter()
-            metrics = worker.train_step(step)
+            metrics = worker.train_step(step, ctx.rank == 0 and (run_dir / STOP_REQUEST).exists())
             done = step + 1
+            if metrics.pop("stop_requested"):  # a sweep's scheduler stopped this trial (rayjobs/sweep.py)
+                if log is not None:
+                    log.log(step, {"stopped": "stop requested (early stopping)"})
+                return  # every rank at the same step; Train ends the run cleanly and frees its resources
             metrics["step_time_s"] = time.perf_counter() - t0
             if not metrics["finite"]:
                 _stop(run_dir, log, done, metrics)

@@ -10,12 +10,17 @@ import math
 import time
 from pathlib import Path
 
+from typing import TYPE_CHECKING
+
 import numpy as np
-import torch
-from PIL import Image
+
+if TYPE_CHECKING:
+    import torch
 
 METRICS_FILE = "metrics.jsonl"
 INFERENCE_FILE = "inference.jsonl"  # inference-time points of a sweep trial (rayjobs/knobs.py)
+STOP_FILE = "STOPPED"  # written by rank 0 when training stops itself (non-finite loss)
+STOP_REQUEST = "STOP_REQUESTED"  # written by a sweep trial Tune stops: the loop ends at its next step
 
 
 def image_grid(images_per_prompt: list[torch.Tensor], min_cell: int = 128) -> np.ndarray:
@@ -23,11 +28,23 @@ def image_grid(images_per_prompt: list[torch.Tensor], min_cell: int = 128) -> np
 
     Small images are enlarged by an integer factor s (nearest neighbour) so a cell is >= min_cell px.
     """
+    import torch
+
     rows = [torch.cat(list(imgs), dim=2) for imgs in images_per_prompt]  # each [3, H, N*W]
     grid = torch.cat(rows, dim=1)  # [3, rows*H, N*W]
     scale = max(1, min_cell // images_per_prompt[0].shape[-2])
     grid = grid.repeat_interleave(scale, dim=1).repeat_interleave(scale, dim=2)  # [3, rows*H*s, N*W*s]
     return (grid.clamp(0, 1).permute(1, 2, 0).float().cpu().numpy() * 255).round().astype(np.uint8)
+
+
+def save_grid(images_per_prompt: list[torch.Tensor], path: Path) -> np.ndarray:
+    """image_grid written as a PNG at path; returns the pixels [H, W, 3] uint8."""
+    from PIL import Image
+
+    pixels = image_grid(images_per_prompt)
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(pixels).save(path)
+    return pixels
 
 
 class RunLog:
@@ -51,9 +68,8 @@ class RunLog:
         self.tb.flush()
 
     def grid(self, step: int, images_per_prompt: list[torch.Tensor]) -> Path:
-        pixels = image_grid(images_per_prompt)
         path = self.run_dir / "samples" / f"step_{step:06d}.png"
-        Image.fromarray(pixels).save(path)
+        pixels = save_grid(images_per_prompt, path)
         self.tb.add_image("samples", pixels, step, dataformats="HWC")
         return path
 
@@ -65,6 +81,8 @@ class RunLog:
         a, b = (self.run_dir / "samples" / f"step_{s:06d}.png" for s in (first, last))
         if not (a.exists() and b.exists()) or first == last:
             return None
+        from PIL import Image
+
         left, right = np.asarray(Image.open(a).convert("RGB")), np.asarray(Image.open(b).convert("RGB"))
         gap = np.full((left.shape[0], 16, 3), 255, dtype=np.uint8)  # white separator, 16 px
         path = self.run_dir / "samples" / "base_vs_final.png"
@@ -138,3 +156,16 @@ def read_metrics(run_dir: Path, name: str = METRICS_FILE) -> list[dict]:
     if not path.exists():
         return []
     return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+
+
+STATUS_FILE = "trial.json"  # a sweep trial's state: {"status": running|done|failed|stopped, "error": first line}
+
+
+def write_status(run_dir: Path, status: str, error: str = "") -> None:
+    (Path(run_dir) / STATUS_FILE).write_text(json.dumps({"status": status, "error": error}) + "\n", encoding="utf-8")
+
+
+def read_status(run_dir: Path) -> dict:
+    """{"status", "error"} of a sweep trial; a run without the file (a plain `draftray train` run) reads as done."""
+    path = Path(run_dir) / STATUS_FILE
+    return json.loads(path.read_text(encoding="utf-8")) if path.exists() else {"status": "done", "error": ""}

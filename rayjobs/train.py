@@ -18,12 +18,12 @@ import ray
 import ray.train
 from ray.train.torch import TorchConfig, TorchTrainer
 
-import rewards
-from models.components import ModelNotFoundError, check_model_source
 from rayjobs.config import Config, DiversityConfig, to_yaml
 from rayjobs.errors import TrainingStopped, UserError
-from rayjobs.loop import STOP_FILE, load_prompts, train_loop
-from rayjobs.runlog import METRICS_FILE, Watcher, new_records, read_metrics
+from rayjobs.runlog import METRICS_FILE, STOP_FILE, Watcher, new_records, read_metrics
+
+# torch, diffusers and the rewards are imported where used: a sweep's trial actors and Train's
+# controller import this module too and need none of them (each import costs seconds per trial).
 
 CHECKPOINTS = "checkpoints"
 
@@ -53,6 +53,8 @@ class RayContext:
 
 
 def _worker_entry(config: dict) -> None:
+    from rayjobs.loop import train_loop
+
     cfg = Config.model_validate(config["cfg"])
     train_loop(cfg, Path(config["run_dir"]), RayContext())
 
@@ -63,6 +65,10 @@ def preflight(cfg: Config) -> Config:
     Returns the config to run: the same, except that a diversity metric whose weights are absent is
     replaced by its fallback (printed, and recorded in the run's config.yaml).
     """
+    import rewards
+    from models.components import ModelNotFoundError, check_model_source
+    from rayjobs.loop import load_prompts
+
     load_prompts(cfg)
     try:
         check_model_source(cfg.model.name_or_path)
@@ -80,6 +86,8 @@ def preflight(cfg: Config) -> Config:
 
 
 def _checked_diversity(cfg: Config) -> Config:
+    import rewards
+
     d = cfg.diversity
     try:
         rewards.check(d.name, d.kwargs, "diversity", where="diversity.kwargs")
@@ -119,10 +127,29 @@ def connect(cfg: Config, verbose: bool = False) -> bool:
             )
             raise UserError(f"ray.address {address!r}: cannot connect ({str(err).splitlines()[0]}){hint}") from None
         return False
+    start_local_ray(log_to_driver=verbose)
+    return True
+
+
+def start_local_ray(**kwargs) -> None:
+    """A new local cluster (``address="local"``) with its dashboard on a free port that every worker knows.
+
+    Ray Train V2 removes the placement group of a Train run whose controller died (a trial stopped by a
+    Tune scheduler) from a cleaner actor that asks the dashboard's state API. Without an address that
+    API resolves /tmp/ray/ray_current_cluster, which names another cluster or none when the host has
+    several Ray instances; the run's resources then leak and the sweep deadlocks (REFERENCES.md). The
+    raylet and so every worker inherit RAY_API_SERVER_ADDRESS from this process.
+    """
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    os.environ["RAY_API_SERVER_ADDRESS"] = f"http://127.0.0.1:{port}"
     # Ray starts workers at nice 15 by default: on a busy host any other process would starve training.
     os.environ.setdefault("RAY_worker_niceness", "0")
-    ray.init(address="local", log_to_driver=verbose, include_dashboard=True, configure_logging=False)
-    return True
+    kwargs.setdefault("log_to_driver", False)
+    ray.init(address="local", include_dashboard=True, dashboard_host="127.0.0.1", dashboard_port=port, configure_logging=False, **kwargs)
 
 
 def fit(cfg: Config, verbose: bool = False) -> Path:
@@ -149,10 +176,11 @@ def prepare_run_dir(cfg: Config, run_dir: Path) -> None:
     (run_dir / "config.yaml").write_text(to_yaml(cfg), encoding="utf-8")
 
 
-def run_trainer(cfg: Config, run_dir: Path, callbacks: list = (), progress: bool = True) -> None:
-    """Fits one TorchTrainer on the connected cluster; failures and self-stops become TrainingStopped."""
+def run_trainer(cfg: Config, run_dir: Path, callbacks: list = (), progress: bool = True, keep: int | None = 3) -> None:
+    """Fits one TorchTrainer on the connected cluster; failures and self-stops become TrainingStopped.
+    ``keep``: checkpoints kept (None = all; a sweep keeps every evaluated one)."""
     try:
-        _fit_trainer(cfg, run_dir, list(callbacks), progress)
+        _fit_trainer(cfg, run_dir, list(callbacks), progress, keep)
     except (ray.train.TrainingFailedError, ray.exceptions.RayError) as err:
         first = next((line for line in str(err).splitlines() if line.strip()), type(err).__name__)
         raise TrainingStopped(
@@ -164,7 +192,7 @@ def run_trainer(cfg: Config, run_dir: Path, callbacks: list = (), progress: bool
         raise TrainingStopped(stop.read_text(encoding="utf-8").strip())
 
 
-def _fit_trainer(cfg: Config, run_dir: Path, callbacks: list, progress: bool) -> ray.train.Result:
+def _fit_trainer(cfg: Config, run_dir: Path, callbacks: list, progress: bool, keep: int | None) -> ray.train.Result:
     r = cfg.ray
     trainer = TorchTrainer(
         _worker_entry,
@@ -177,7 +205,7 @@ def _fit_trainer(cfg: Config, run_dir: Path, callbacks: list, progress: bool) ->
             name=run_dir.name if r.storage_path else CHECKPOINTS,  # same name in the same storage = resume
             storage_path=r.storage_path or str(run_dir),
             failure_config=ray.train.FailureConfig(max_failures=r.max_failures),
-            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=3),
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=keep),
             callbacks=callbacks,
         ),
     )

@@ -20,7 +20,7 @@ from rewards.registry import (  # noqa: E402
     sources_of,
 )
 from rewards import simple, diversity, toy, preference  # noqa: E402,F401  (registers the built-ins)
-from rewards.combine import RewardSum, TermSpec, affine, build_reward_sum  # noqa: E402
+from rewards.combine import RewardSum, TermSpec, affine, build_reward_sum, component_labels  # noqa: E402
 from rewards.sources import MissingWeightsError, Source  # noqa: E402
 
 __all__ = [
@@ -38,6 +38,7 @@ __all__ = [
     "TermSpec",
     "affine",
     "build_reward_sum",
+    "component_labels",
     "MissingWeightsError",
     "Source",
 ]

@@ -91,9 +91,14 @@ def _labels(names: list[str]) -> list[str]:
     return out
 
 
+def component_labels(specs: list[TermSpec]) -> list[str]:
+    """The components a config's reward logs (eval/reward_<label>): none for one bare reward."""
+    return [] if len(specs) == 1 and specs[0].trivial else _labels([s.name for s in specs])
+
+
 def build_reward_sum(specs: list[TermSpec]):
     """The reward of a config: the bare reward for one un-normalised term, else a RewardSum."""
     rewards = [build_reward(s.name, **s.kwargs) for s in specs]
-    if len(specs) == 1 and specs[0].trivial:
+    if not component_labels(specs):
         return rewards[0]
     return RewardSum(specs, rewards)

@@ -107,7 +107,7 @@ def test_sample_writes_pngs_reproducibly(tmp_path, capsys):
 
 
 def test_help(capsys):
-    for cmd in (["--help"], ["train", "--help"], ["sample", "--help"]):
+    for cmd in (["--help"], ["train", "--help"], ["sample", "--help"], ["sweep", "--help"], ["pareto", "--help"]):
         with pytest.raises(SystemExit) as exc:
             main(cmd)
         assert exc.value.code == 0
@@ -121,6 +121,21 @@ def test_sweep_and_toy_bad_input(tmp_path, capsys):
     rc, err = _run(capsys, ["sweep", str(configs / "toy-kl-sweep.yaml"), "sweep.params={objective.kl_coeff: {grid: [-1]}}",
                             f"run.output_dir={tmp_path}/runs"])
     assert rc == 2 and "sweep.params.objective.kl_coeff" in err and len(err.splitlines()) == 1
+    rc, err = _run(capsys, ["sweep", str(configs / "toy-kl-sweep.yaml"), "sweep.reward_metric=eval/reward_x", f"run.output_dir={tmp_path}/runs"])
+    assert rc == 2 and "sweep.reward_metric: 'eval/reward_x' is never reported" in err and len(err.splitlines()) == 1
+    rc, err = _run(capsys, ["sweep"])
+    assert rc == 2 and "--resume SWEEP_DIR" in err
+    for command in (["sweep", "--resume"], ["pareto"]):
+        rc, err = _run(capsys, [*command, str(tmp_path)])
+        assert rc == 2 and str(tmp_path) in err and "not a" in err and len(err.splitlines()) == 1
+    rc, err = _run(capsys, ["sweep", str(configs / "toy-kl-sweep.yaml"), "--resume", str(tmp_path)])
+    assert rc == 2 and "give only the sweep directory" in err
+    taken = tmp_path / "runs" / "toy-kl-sweep" / "tune"
+    taken.mkdir(parents=True)
+    rc, err = _run(capsys, ["sweep", str(configs / "toy-kl-sweep.yaml"), f"run.output_dir={tmp_path}/runs"])
+    assert rc == 2 and "already holds a sweep; `draftray sweep --resume" in err
+    assert [p.name for p in taken.parent.iterdir()] == ["tune"]  # nothing written next to it
+    taken.rmdir(), taken.parent.rmdir(), taken.parent.parent.rmdir()
     rc, err = _run(capsys, ["toy", "check", "--model", str(tmp_path / "nope")])
     assert rc == 2 and "does not exist" in err
     existing = tmp_path / "taken.safetensors"

@@ -1,54 +1,107 @@
-"""Pareto front of a sweep: hand-checked dominance, points read from trial run directories, table and plot."""
+"""Pareto front of a sweep: hand-checked dominance, points read from trial run directories, every output file."""
 
 import json
 
 import pytest
 import yaml
 
-from rayjobs.pareto import collect_points, pareto_mask, plot_front, write_points, write_summary
+from rayjobs.pareto import collect_rows, fields_of, mark_front, pareto_mask, read_csv, rebuild, write_csv, write_front
+from rayjobs.runlog import write_status
 
 
-def test_pareto_mask_hand_cases():
-    #          a: best reward  b: dominated by a  c: best diversity  d: in between  e: duplicate of d
-    values = [(3.0, 1.0), (2.0, 0.5), (1.0, 3.0), (2.0, 2.0), (2.0, 2.0)]
-    assert pareto_mask(values) == [True, False, True, True, True]  # equal points do not dominate each other
-    assert pareto_mask([(1.0, 1.0)]) == [True]
-    assert pareto_mask([(1.0, 1.0), (1.0, 2.0)]) == [False, True]  # ties in reward: more diversity wins
+@pytest.mark.parametrize(
+    "values, expected",
+    [
+        #  a: best reward  b: dominated by a  c: best diversity  d: in between  e: duplicate of d
+        ([(3.0, 1.0), (2.0, 0.5), (1.0, 3.0), (2.0, 2.0), (2.0, 2.0)], [True, False, True, True, True]),
+        ([(1.0, 1.0)], [True]),  # a single point is the front
+        ([(1.0, 1.0), (1.0, 2.0)], [False, True]),  # tie in reward: more diversity wins
+        ([(2.0, 1.0), (1.0, 1.0)], [True, False]),  # tie in diversity: more reward wins
+        ([(5.0, 5.0), (1.0, 4.0), (4.0, 1.0), (4.9, 4.9)], [True, False, False, False]),  # all dominated by one
+        ([(1.0, 1.0), (1.0, 1.0)], [True, True]),  # exact duplicates do not dominate each other
+    ],
+)
+def test_pareto_mask_hand_cases(values, expected):
+    assert pareto_mask(values) == expected
 
 
-def _trial(root, name, kl, rows):
+def _trial(root, name, kl, rows, status=None):
     d = root / name
-    d.mkdir(parents=True)
+    (d / "samples").mkdir(parents=True)
     (d / "config.yaml").write_text(yaml.safe_dump({"objective": {"kl_coeff": kl}, "optim": {"lr": 0.01}}))
-    lines = [{"step": 1, "loss": 0.1}] + [{"step": s, "eval/reward_mean": r, "eval/diversity_x": v, "eval/kl": 0.0} for s, r, v in rows]
+    lines = [{"step": 1, "loss": 0.1}]
+    for s, r, v in rows:
+        grid = d / "samples" / f"step_{s:06d}.png"
+        grid.write_bytes(b"\x89PNG fake")
+        lines.append({"step": s, "eval/reward_mean": r, "eval/reward_std": 0.1, "eval/diversity_x": v, "eval/kl": 0.0,
+                      "eval/reward_a": r / 2, "eval/grid": str(grid)})  # fmt: skip
     (d / "metrics.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines))
+    if status:
+        write_status(d, *status)
+    for s, _, _ in rows[1:]:  # a checkpoint per evaluation after step 0
+        ck = d / "checkpoints" / f"step_{s:06d}"
+        ck.mkdir(parents=True)
+        (ck / "state.json").write_text(json.dumps({"step": s}))
+        (ck / "trainable.safetensors").write_bytes(b"x")
 
 
 @pytest.fixture
 def trials(tmp_path):
     root = tmp_path / "trials"
-    _trial(root, "t0", 0.0, [(0, 1.0, 0.5), (10, 3.0, 0.1)])
+    _trial(root, "t0", 0.0, [(0, 1.0, 0.5), (10, 3.0, 0.1)], ("done", ""))
     _trial(root, "t1", 1.0, [(0, 1.0, 0.5), (10, 2.0, 0.4)])
+    _trial(root, "t2", 0.1, [], ("failed", "training failed (worker died)"))
     (root / "not-a-trial").mkdir()
     return root
 
 
-def test_collect_points_reads_every_evaluation(trials):
-    pts = collect_points(trials, ["objective.kl_coeff"], "eval/reward_mean", "eval/diversity_x")
-    assert [(p["trial"], p["step"], p["objective.kl_coeff"]) for p in pts] == [("t0", 0, 0.0), ("t0", 10, 0.0), ("t1", 0, 1.0), ("t1", 10, 1.0)]
-    assert [p["on_front"] for p in pts] == [True, True, True, True]  # base (0.5 div), high reward, middle
+def test_collect_rows_reads_every_evaluation_and_failures(trials):
+    rows = collect_rows(trials, ["objective.kl_coeff"], "eval/reward_mean", "eval/diversity_x")
+    assert [(r["trial"], r.get("step"), r["config.objective.kl_coeff"], r["status"]) for r in rows] == [
+        ("t0", 0, 0.0, "done"), ("t0", 10, 0.0, "done"), ("t1", 0, 1.0, "done"), ("t1", 10, 1.0, "done"), ("t2", None, 0.1, "failed")]  # fmt: skip
+    assert rows[-1]["error"] == "training failed (worker died)"
+    assert rows[1]["checkpoint"].endswith("checkpoints/step_000010") and rows[0]["checkpoint"] == ""  # step 0 = base model
+    assert rows[1]["reward/a"] == 1.5 and rows[1]["reward_std"] == 0.1
+    front = mark_front(rows)
+    assert [(r["trial"], r["step"]) for r in front] == [("t0", 10), ("t1", 10), ("t0", 0), ("t1", 0)]  # highest reward first
+    assert rows[-1]["on_front"] is False  # the failed trial has no point
 
 
-def test_table_and_plot_written(trials, tmp_path):
+def test_trials_csv_round_trips(trials, tmp_path):
     keys = ["objective.kl_coeff"]
-    pts = collect_points(trials, keys, "eval/reward_mean", "eval/diversity_x")
-    write_points(pts, keys, tmp_path / "points.csv")
-    text = write_summary(pts, keys, tmp_path / "summary.md")
-    plot_front(pts, keys, tmp_path / "pareto.png", "eval/reward_mean", "eval/diversity_x")
-    header = (tmp_path / "points.csv").read_text().splitlines()[0]
-    assert header == "trial,objective.kl_coeff,step,kind,knob,reward,diversity,kl,on_front,grid"
-    assert "| 0 | 10 | trained | 3 | 0.1 | 0 | yes |" in text and "| 1 | 10 | trained | 2 | 0.4 | 0 | yes |" in text
-    assert (tmp_path / "pareto.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    rows = collect_rows(trials, keys, "eval/reward_mean", "eval/diversity_x")
+    mark_front(rows)
+    fields = fields_of(rows, keys)
+    assert fields[:5] == ["trial", "status", "error", "config.objective.kl_coeff", "kl_coeff"] and "reward/a" in fields and fields[-2:] == ["checkpoint", "grid"]
+    write_csv(rows, fields, tmp_path / "trials.csv")
+    back = read_csv(tmp_path / "trials.csv")
+    assert back == rows  # typed back exactly
+
+
+def test_every_output_written_and_rebuilt_from_trials_csv(trials, tmp_path):
+    out = tmp_path
+    (out / "sweep.yaml").write_text(yaml.safe_dump({"diversity": {"name": "x"}, "sweep": {"params": {"objective.kl_coeff": {"grid": [0.0, 1.0]}}}}))
+    keys = ["objective.kl_coeff"]
+    rows = collect_rows(trials, keys, "eval/reward_mean", "eval/diversity_x")
+    mark_front(rows)
+    write_csv(rows, fields_of(rows, keys), out / "trials.csv")
+    front = write_front(out, rows, keys, "eval/reward_mean", "eval/diversity_x")
+    doc = json.loads((out / "pareto.json").read_text())
+    assert doc["reward_metric"] == "eval/reward_mean" and len(doc["points"]) == len(front) == 4
+    top = doc["points"][0]
+    assert top["reproduce"] == f"draftray train {out}/trials/t0/config.yaml run.name=t0-step10 train.steps=10"
+    assert (out / top["front_grid"]).read_bytes() == b"\x89PNG fake"  # same eval grid, copied per front point
+    assert len(list((out / "front").glob("*.png"))) == 4
+    summary = (out / "summary.md").read_text()
+    assert "| t2 | failed | 0.1 |" in summary and "- t2: training failed (worker died)" in summary
+    assert "| t0 | done | 0 | 10 | trained | 3 | 0.1 | 0 |" in summary and top["reproduce"] in summary
+    assert (out / "pareto.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert len((out / "pareto.csv").read_text().splitlines()) == 5
+    before = {p: (out / p).read_text() for p in ("pareto.csv", "pareto.json", "summary.md")}
+    for p in before:
+        (out / p).unlink()
+    assert rebuild(out) == out.resolve()  # `draftray pareto SWEEP_DIR`
+    assert {p: (out / p).read_text() for p in before} == before
 
 
 def test_inference_points_join_the_front(trials, tmp_path):
@@ -57,10 +110,13 @@ def test_inference_points_join_the_front(trials, tmp_path):
             {"step": 10, "kind": "aig", "knob": "power_2", "eval/reward_mean": 1.5, "eval/diversity_x": 0.2, "eval/kl": 0.0}]  # fmt: skip
     (trials / "t0" / "inference.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     keys = ["objective.kl_coeff"]
-    pts = collect_points(trials, keys, "eval/reward_mean", "eval/diversity_x")
-    extra = [p for p in pts if p["kind"] != "trained"]
-    assert [(p["kind"], p["knob"], p["on_front"]) for p in extra] == [("lora_scale", "0.5", True), ("aig", "power_2", False)]
-    text = write_summary(pts, keys, tmp_path / "summary.md")
-    assert "| 0 | 10 | lora_scale 0.5 | 2.5 | 0.35 |" in text
-    plot_front(pts, keys, tmp_path / "pareto.png", "eval/reward_mean", "eval/diversity_x")
-    assert (tmp_path / "pareto.png").stat().st_size > 0
+    rows = collect_rows(trials, keys, "eval/reward_mean", "eval/diversity_x")
+    mark_front(rows)
+    extra = [r for r in rows if r["kind"] not in ("trained", "")]
+    assert [(r["kind"], r["knob"], r["on_front"], r["checkpoint"][-11:]) for r in extra] == [
+        ("lora_scale", "0.5", True, "step_000010"), ("aig", "power_2", False, "step_000010")]  # fmt: skip
+    write_csv(rows, fields_of(rows, keys), tmp_path / "trials.csv")
+    assert read_csv(tmp_path / "trials.csv")[2]["knob"] == "0.5"  # a knob label stays text
+    front = write_front(tmp_path, rows, keys, "eval/reward_mean", "eval/diversity_x")
+    assert "| t0 | done | 0 | 10 | lora_scale 0.5 | 2.5 | 0.35 |" in (tmp_path / "summary.md").read_text()
+    assert "LoRA scale 0.5" in next(r["reproduce"] for r in front if r["kind"] == "lora_scale")

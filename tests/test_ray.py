@@ -3,6 +3,7 @@
 One local cluster for the module (each start costs seconds on 2 cores).
 """
 
+import contextlib
 import json
 import os
 from pathlib import Path
@@ -31,9 +32,12 @@ def cluster():
 
     # Workers of a local cluster inherit this environment: they can import tests/faults.py.
     os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [TESTS_DIR, os.environ.get("PYTHONPATH")]))
-    ray.init(address="local", num_cpus=2, log_to_driver=False, include_dashboard=True, configure_logging=False)
+    from rayjobs.train import start_local_ray
+
+    start_local_ray(num_cpus=2)
     yield
     ray.shutdown()
+    os.environ.pop("RAY_API_SERVER_ADDRESS", None)
 
 
 def _fit(tmp_path, name, *extra):
@@ -94,38 +98,141 @@ def test_worker_failure_beyond_max_failures_is_one_clear_error(cluster, tmp_path
 
 
 # The toy default, shortened: 10 steps at a higher lr so DRaFT visibly hacks the reward within them.
-SWEEP_FAST = ["train.steps=10", "train.eval_every=10", "train.checkpoint_every=10", "optim.lr=3e-3", "data.eval_seeds=[0,1,2,3]"]
+SWEEP_FAST = ["train.steps=10", "train.eval_every=5", "optim.lr=3e-3", "data.eval_seeds=[0,1,2,3]"]
+SWEEP_YAML = Path(__file__).parents[1] / "configs" / "toy-kl-sweep.yaml"
+OUTPUTS = {"sweep.yaml", "trials", "tune", "trials.csv", "pareto.csv", "pareto.json", "pareto.png", "front", "summary.md"}
 
 
-def test_two_point_kl_sweep_shows_the_trade_off(cluster, tmp_path):
-    """kl_coeff 0 (DRaFT) vs a large kl_coeff on the toy world: DRaFT gains more reward, drifts further
-    from the reference (KL) and keeps less diversity. Both trials run at once (1 CPU each)."""
-    import csv
+def _sweep_cfg(tmp_path, name, *extra):
+    return load_config(SWEEP_YAML, [f"run.output_dir={tmp_path}", f"sweep.name={name}", *SWEEP_FAST, *extra])
 
+
+def test_kl_sweep_end_to_end(cluster, tmp_path):
+    """Three kl_coeffs on the toy world, two at a time (1 CPU each): DRaFT (kl 0) gains more reward,
+    drifts further from the reference and keeps less diversity; every output file is written; the
+    inference-time knobs reproduce their endpoints on every checkpoint."""
+    from rayjobs.pareto import read_csv, rebuild
     from rayjobs.sweep import run_sweep
 
-    cfg = load_config(Path(__file__).parents[1] / "configs" / "toy-kl-sweep.yaml", [
-        f"run.output_dir={tmp_path}", "sweep.name=kl2", "sweep.params={objective.kl_coeff: {grid: [0.0, 10.0]}}",
-        "sweep.inference={lora_scales: [0.0], aig: [draft]}", *SWEEP_FAST,
-    ])
+    cfg = _sweep_cfg(tmp_path, "kl3", "sweep.params={objective.kl_coeff: {grid: [0.0, 1.0, 10.0]}}",
+                     "sweep.inference={lora_scales: [0.0], aig: [draft]}")  # fmt: skip
     out = run_sweep(cfg)
-    assert {"sweep.yaml", "points.csv", "pareto.png", "summary.md", "trials"} <= {p.name for p in out.iterdir()}
-    rows = list(csv.DictReader(open(out / "points.csv")))
-    # Inference-time points on each trial's final weights: LoRA scale 0 is the base model and AIG 'draft'
-    # (w = 1 throughout) the trained model, so they reproduce the step-0 and final evaluations.
-    for kl in (0.0, 10.0):
-        mine = [r for r in rows if float(r["objective.kl_coeff"]) == kl]
-        by_kind = {(r["kind"], r["knob"]): r for r in mine if r["kind"] != "trained" or int(r["step"]) in (0, cfg.train.steps)}
-        trained_last = [r for r in mine if r["kind"] == "trained" and int(r["step"]) == cfg.train.steps][0]
-        base = [r for r in mine if r["kind"] == "trained" and int(r["step"]) == 0][0]
-        assert float(by_kind[("lora_scale", "0")]["reward"]) == pytest.approx(float(base["reward"]), abs=1e-5)
-        assert float(by_kind[("aig", "draft")]["reward"]) == pytest.approx(float(trained_last["reward"]), abs=1e-5)
-    rows = [r for r in rows if r["kind"] == "trained"]
-    final = {float(r["objective.kl_coeff"]): r for r in rows if int(r["step"]) == cfg.train.steps}
-    assert set(final) == {0.0, 10.0}
+    assert OUTPUTS <= {p.name for p in out.iterdir()}
+    rows = read_csv(out / "trials.csv")
+    assert {r["status"] for r in rows} == {"done"} and len({r["trial"] for r in rows}) == 3
+    # Every evaluation after step 0 has its checkpoint, and each checkpoint its knob points: LoRA scale 0 is
+    # the base model and AIG 'draft' (w = 1 throughout) the trained model, so they reproduce the step-0 and
+    # the same-step evaluations.
+    for trial in {r["trial"] for r in rows}:
+        mine = [r for r in rows if r["trial"] == trial]
+        trained = {r["step"]: r for r in mine if r["kind"] == "trained"}
+        assert sorted(trained) == [0, 5, 10] and all(Path(trained[s]["checkpoint"]).is_dir() for s in (5, 10))
+        for r in (r for r in mine if r["kind"] != "trained"):
+            same = trained[0] if r["kind"] == "lora_scale" else trained[r["step"]]
+            assert r["reward"] == pytest.approx(same["reward"], abs=1e-5), (r["kind"], r["step"])
+        assert sorted((r["step"], r["kind"]) for r in mine if r["kind"] != "trained") == [(5, "aig"), (5, "lora_scale"), (10, "aig"), (10, "lora_scale")]
+    final = {r["config.objective.kl_coeff"]: r for r in rows if r["kind"] == "trained" and r["step"] == cfg.train.steps}
     draft, anchored = final[0.0], final[10.0]
-    assert float(draft["reward"]) > float(anchored["reward"])
-    assert float(draft["kl"]) > float(anchored["kl"])
-    assert float(draft["diversity"]) < float(anchored["diversity"])
-    base = [r for r in rows if int(r["step"]) == 0]
-    assert len(base) == 2 and base[0]["reward"] == base[1]["reward"]  # step 0 is the same base model in every trial
+    assert draft["reward"] > anchored["reward"] and draft["kl"] > anchored["kl"] and draft["diversity"] < anchored["diversity"]
+    base = [r for r in rows if r["step"] == 0]
+    assert len(base) == 3 and len({r["reward"] for r in base}) == 1  # step 0 is the same base model in every trial
+    front = read_csv(out / "pareto.csv")
+    assert front and all(r["on_front"] for r in front) and len(list((out / "front").glob("*.png"))) == len(front)
+    summary = (out / "summary.md").read_text()
+    assert summary.count("draftray train ") + summary.count("the base model") == len(front)
+    assert rebuild(out) == out  # `draftray pareto` from trials.csv alone
+    assert read_csv(out / "pareto.csv") == front
+
+
+def test_failed_trial_is_retried_then_recorded(cluster, tmp_path):
+    """A trial that fails once is restarted from its last checkpoint (sweep.max_failures) and finishes; one
+    that keeps failing is recorded as failed with its error in trials.csv while the sweep goes on."""
+    from rayjobs.errors import TrainingStopped
+    from rayjobs.pareto import read_csv
+    from rayjobs.sweep import run_sweep
+
+    marker = tmp_path / "crashed"
+    crash_once = f"{{name: 'faults:CrashOnce', kwargs: {{at_call: 4, marker: '{marker}'}}}}"
+    nan_always = "{name: 'faults:NaNFrom', kwargs: {at_call: 1}}"  # before any checkpoint: fails on every retry
+    cfg = _sweep_cfg(tmp_path, "faults", "train.steps=4", "train.eval_every=2", "ray.max_failures=0", "sweep.max_failures=1",
+                     f"sweep.params={{reward: {{grid: [{crash_once}, {nan_always}]}}}}")  # fmt: skip
+    with pytest.raises(TrainingStopped, match="1 of 2 trials failed"):
+        run_sweep(cfg)
+    out = tmp_path / "faults"
+    rows = read_csv(out / "trials.csv")
+    status = {r["config.reward"]["name"]: (r["status"], r["error"]) for r in rows}
+    assert status["faults:CrashOnce"] == ("done", "") and marker.exists()
+    assert status["faults:NaNFrom"][0] == "failed" and "non-finite loss" in status["faults:NaNFrom"][1]
+    crashed = next(out / "trials" / r["trial"] for r in rows if r["config.reward"]["name"] == "faults:CrashOnce")
+    assert {"resumed_from_step": 2, "step": 2} in [{k: v for k, v in m.items() if k != "time"} for m in read_metrics(crashed)]
+    assert (out / "pareto.png").exists() and "faults:NaNFrom" not in (out / "pareto.csv").read_text()
+
+
+def test_optuna_with_asha_finishes_and_releases_resources(cluster, tmp_path):
+    """Optuna's multi-objective search with ASHA early stopping: stopped trials give their CPUs back, so
+    the sweep finishes (Ray's cleanup of stopped Train runs needs the dashboard, which the cluster has)."""
+    import ray
+
+    from rayjobs.pareto import read_csv
+    from rayjobs.sweep import run_sweep
+
+    cfg = _sweep_cfg(tmp_path, "asha", "train.steps=6", "train.eval_every=2", "sweep.search=optuna", "sweep.num_samples=4",
+                     "sweep.params={objective.kl_coeff: {loguniform: [0.01, 10.0]}}", "sweep.inference={}",
+                     "sweep.scheduler={grace_period: 2, reduction_factor: 4}")  # fmt: skip
+    out = run_sweep(cfg)
+    rows = read_csv(out / "trials.csv")
+    status = {r["trial"]: r["status"] for r in rows}
+    assert len(status) == 4 and set(status.values()) <= {"done", "stopped"} and "stopped" in status.values()
+    assert len({r["config.objective.kl_coeff"] for r in rows}) == 4  # four draws
+    stopped = [r for r in rows if status[r["trial"]] == "stopped"]
+    assert max(r["step"] for r in stopped) < cfg.train.steps
+    assert ray.available_resources().get("CPU") == ray.cluster_resources()["CPU"]  # nothing left reserved
+
+
+def test_resume_after_killing_the_driver(cluster, tmp_path):
+    """`draftray sweep` killed (SIGKILL) while its second trial trains; `--resume` finishes the sweep
+    without repeating the finished trial, continuing the interrupted one from its checkpoint."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    import psutil
+
+    from rayjobs.pareto import read_csv
+    from rayjobs.runlog import read_status
+    from rayjobs.sweep import resume_sweep
+
+    argv = [sys.executable, "-m", "rayjobs.cli", "sweep", str(SWEEP_YAML), f"run.output_dir={tmp_path}", "sweep.name=killed",
+            *SWEEP_FAST, "train.steps=6", "train.eval_every=2", "sweep.max_concurrent=1", "sweep.inference={}",
+            "sweep.params={objective.kl_coeff: {grid: [0.0, 1.0, 10.0]}}"]  # fmt: skip
+    driver = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=Path(__file__).parents[1])
+    trials = tmp_path / "killed" / "trials"
+    deadline = time.time() + 240
+    try:
+        while time.time() < deadline:  # kill once one trial is done and the next has a checkpoint
+            states = {d.name: read_status(d)["status"] for d in trials.glob("*") if (d / "trial.json").exists()}
+            started = [d for d in trials.glob("*") if states.get(d.name) == "running" and list(d.glob("checkpoints/*/state.json"))]
+            if "done" in states.values() and started:
+                break
+            time.sleep(0.5)
+        else:
+            pytest.fail("the sweep did not get to its second trial in time")
+    finally:
+        family = psutil.Process(driver.pid).children(recursive=True)  # the driver's own Ray cluster
+        driver.send_signal(signal.SIGKILL)
+        driver.wait()
+        for p in family:  # only the processes this test started, by PID
+            with contextlib.suppress(psutil.NoSuchProcess):
+                p.kill()
+    done_before = {d.name: (d / "metrics.jsonl").read_text() for d in trials.glob("*") if read_status(d)["status"] == "done"}
+    out = resume_sweep(tmp_path / "killed")  # on this module's cluster
+    rows = read_csv(out / "trials.csv")
+    assert {r["status"] for r in rows} == {"done"} and len({r["trial"] for r in rows}) == 3
+    for name, text in done_before.items():
+        steps = [m["step"] for m in read_metrics(trials / name) if "loss" in m]
+        assert steps == list(range(1, 7)), name  # the finished trial did not train again
+    for d in trials.glob("*"):
+        assert sorted(set(m["step"] for m in read_metrics(d) if "loss" in m)) == list(range(1, 7))
+    assert any("resumed_from_step" in m for d in trials.glob("*") for m in read_metrics(d))
+    assert (out / "pareto.png").exists() and (out / "summary.md").exists()

@@ -7,7 +7,7 @@ from ray import tune
 
 from rayjobs.config import ParamSpec, load_config
 from rayjobs.errors import UserError
-from rayjobs.sweep import _check_values, trial_config, tune_space
+from rayjobs.sweep import check_resources, check_sweep, trial_config, tune_space
 
 CONFIGS = Path(__file__).parents[1] / "configs"
 
@@ -49,15 +49,56 @@ def test_trial_config_sets_values_name_and_drops_sweep(tmp_path):
     assert trial.objective.beta == 0.03 and trial.optim.lr == 1e-5  # 1e-5 stays a float (no YAML round trip)
     assert trial.run.name == "t7" and trial.run.output_dir == str(tmp_path)
     assert trial.sweep is None
+    assert trial.train.checkpoint_every == trial.train.eval_every == 10  # sweep.checkpoint_evals: a checkpoint per point
+    kept = trial_config(base | {"sweep": dict(base["sweep"], checkpoint_evals=False)}, {}, "t8", str(tmp_path))
+    assert kept.train.checkpoint_every == cfg.train.checkpoint_every == 50
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("sweep.reward_metric=eval/reward_pickscore", r"sweep.reward_metric: 'eval/reward_pickscore' is never reported.*eval/kl"),
+        ("sweep.diversity_metric=eval/diversity_lpips", r"sweep.diversity_metric: 'eval/diversity_lpips' is never reported"),
+        ("sweep.scheduler={metric: loss, grace_period: 10}", r"sweep.scheduler.metric: 'loss' is never reported"),
+    ],
+)
+def test_a_metric_never_reported_fails_before_any_trial(override, message):
+    cfg = load_config(CONFIGS / "toy-kl-sweep.yaml", [override])
+    with pytest.raises(UserError, match=message):
+        check_sweep(cfg, cfg.model_dump(mode="json"))
+
+
+def test_reward_components_are_metrics_a_sweep_can_use():
+    terms = "reward.terms=[{name: colorfulness}, {name: brightness, weight: 0.5}]"
+    cfg = load_config(CONFIGS / "toy-kl-sweep.yaml", ["reward.name=null", terms, "sweep.reward_metric=eval/reward_brightness"])
+    assert len(check_sweep(cfg, cfg.model_dump(mode="json"))) == 1 + 7  # the base and one trial per grid value
+
+
+def test_empty_space_and_optuna_grid_are_errors():
+    with pytest.raises(UserError, match=r"sweep.params: .*at least 1"):
+        load_config(CONFIGS / "toy-kl-sweep.yaml", ["sweep.params={}"])
+    with pytest.raises(UserError, match=r"search optuna draws every key; use choice instead of grid for objective.kl_coeff"):
+        load_config(CONFIGS / "toy-kl-sweep.yaml", ["sweep.search=optuna"])
+
+
+def test_more_gpus_or_cpus_per_trial_than_the_cluster_has(monkeypatch):
+    import ray
+
+    monkeypatch.setattr(ray, "cluster_resources", lambda: {"CPU": 2.0})
+    with pytest.raises(UserError, match=r"ray.num_workers: a trial needs 2 GPUs .* the cluster has 0"):
+        check_resources([load_config(None, ["ray.use_gpu=true", "ray.num_workers=2"])])
+    with pytest.raises(UserError, match=r"ray.cpus_per_worker: a trial needs 3 CPUs"):
+        check_resources([load_config(None, ["ray.num_workers=3"])])
+    check_resources([load_config(None, ["ray.num_workers=2"])])
 
 
 def test_bad_swept_key_or_value_fails_before_any_trial():
     base_cfg = load_config(CONFIGS / "toy-kl-sweep.yaml", ["sweep.params={objective.kl_cof: {grid: [0.1]}}"])
     with pytest.raises(UserError, match=r"sweep.params.objective.kl_cof: .*unknown key"):
-        _check_values(base_cfg, base_cfg.model_dump(mode="json"))
+        check_sweep(base_cfg, base_cfg.model_dump(mode="json"))
     bad = load_config(CONFIGS / "toy-kl-sweep.yaml", ["sweep.params={objective.kl_coeff: {grid: [0.1, -1]}}"])
     with pytest.raises(UserError, match=r"value -1 gives an invalid config"):
-        _check_values(bad, bad.model_dump(mode="json"))
+        check_sweep(bad, bad.model_dump(mode="json"))
 
 
 def test_sweep_without_section_is_a_clear_error():
