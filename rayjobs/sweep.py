@@ -113,7 +113,6 @@ def _trial(params: dict, *, base: dict, trials_dir: str, report_metric: str, kee
     cfg = trial_config(base, params, name, trials_dir)
     run_dir = Path(trials_dir) / name
     prepare_run_dir(cfg, run_dir)  # a retried or resumed trial continues from its latest checkpoint
-    (run_dir / STOP_REQUEST).unlink(missing_ok=True)
     write_status(run_dir, "running")
     finished = _forward_stop(run_dir)
     try:

@@ -20,7 +20,7 @@ from ray.train.torch import TorchConfig, TorchTrainer
 
 from rayjobs.config import Config, DiversityConfig, to_yaml
 from rayjobs.errors import TrainingStopped, UserError
-from rayjobs.runlog import METRICS_FILE, STOP_FILE, Watcher, new_records, read_metrics
+from rayjobs.runlog import METRICS_FILE, STOP_FILE, STOP_REQUEST, Watcher, new_records, read_metrics
 
 # torch, diffusers and the rewards are imported where used: a sweep's trial actors and Train's
 # controller import this module too and need none of them (each import costs seconds per trial).
@@ -172,7 +172,8 @@ def prepare_run_dir(cfg: Config, run_dir: Path) -> None:
         done = max((m["step"] for m in read_metrics(run_dir)), default=0)
         print(f"resuming {run_dir.name} (metrics up to step {done})", file=sys.stderr)
     run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / STOP_FILE).unlink(missing_ok=True)
+    for leftover in (STOP_FILE, STOP_REQUEST):  # a resumed run starts without an old stop
+        (run_dir / leftover).unlink(missing_ok=True)
     (run_dir / "config.yaml").write_text(to_yaml(cfg), encoding="utf-8")
 
 

@@ -78,6 +78,23 @@ def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
     assert max(m["step"] for m in read_metrics(tmp_path) if "loss" in m) == 2
 
 
+def test_stop_request_ends_the_run_and_a_restart_clears_it(tmp_path):
+    """A sweep trial stopped by Tune's scheduler (rayjobs/sweep.py) ends at its next step, no export;
+    starting the run again (prepare_run_dir) removes the request, so the run trains to the end."""
+    from rayjobs.runlog import STOP_REQUEST
+    from rayjobs.train import prepare_run_dir
+
+    cfg = _cfg(tmp_path, "train.steps=3", "train.checkpoint_every=1", "train.eval_every=0")
+    prepare_run_dir(cfg, tmp_path)
+    (tmp_path / STOP_REQUEST).touch()
+    train_loop(cfg, tmp_path, LocalContext(tmp_path))
+    assert [m["stopped"] for m in read_metrics(tmp_path) if "stopped" in m] == ["stop requested (early stopping)"]
+    assert not any("loss" in m for m in read_metrics(tmp_path)) and not (tmp_path / "export").exists()
+    prepare_run_dir(cfg, tmp_path)
+    train_loop(cfg, tmp_path, LocalContext(tmp_path))
+    assert [m["step"] for m in read_metrics(tmp_path) if "loss" in m] == [1, 2, 3] and (tmp_path / "export").is_dir()
+
+
 def test_grad_accumulation_averages_micro_batches(tmp_path):
     """grad_accum=2 with batch 1 gives the same update direction as the mean of two micro-batch grads."""
     cfg = _cfg(tmp_path, "train.grad_accum=2", "optim.grad_clip=0")
