@@ -34,7 +34,8 @@ from models.components import Components, build_tiny  # noqa: E402
 from models.objective import Objective, Weights  # noqa: E402
 from models.policy import Policy  # noqa: E402
 from models.sampler import SamplerSettings, sample  # noqa: E402
-from rayjobs.config import EVAL_PROMPTS, Config, load_config  # noqa: E402
+from rayjobs.config import Config, load_config  # noqa: E402
+from rayjobs.config_data import EVAL_PROMPTS  # noqa: E402
 from rewards.simple import Colorfulness  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent

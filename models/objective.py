@@ -13,7 +13,9 @@ from dataclasses import dataclass
 from typing import Callable
 
 import torch
+from torch.utils.checkpoint import checkpoint
 
+from models.ip2p import dropout_masks, ip2p_denoise_inputs
 from models.policy import Policy
 from models.sampler import SamplerSettings, sample
 
@@ -87,12 +89,23 @@ class Weights:
     prior: float = 0.0  # DreamBooth prior preservation (lambda)
 
 
+@dataclass(frozen=True)
+class DenoiseSettings:
+    """How the supervised terms draw t and noise and what they regress (DESIGN.md, supervised terms)."""
+
+    min_snr_gamma: float | None = None  # min-SNR-gamma weight (Hang et al. 2023); None = plain MSE
+    noise_offset: float = 0.0  # eps += offset * N(0, 1) per (sample, channel) (Guttenberg's noise offset)
+    target: str = "scheduler"  # "scheduler" (its prediction_type), "epsilon" or "v_prediction"
+    conditioning_dropout: float = 0.0  # p of InstructPix2Pix dropout (text only, image only, both: p each)
+
+
 class Objective:
     """objective(policy, batch) -> (loss, metrics).
 
-    batch keys: ``prompts`` (list[str]) and ``generator`` for the reward terms;
-    ``latents`` [B,C,h,w], ``prompts`` and ``generator`` for denoise; ``class_latents``
-    and ``class_prompts`` for prior. Metrics are detached scalars (no host sync).
+    batch keys: ``prompts`` (list[str]) and ``generator`` for the reward terms; ``latents`` [B,C,h,w]
+    (VAE-scaled), ``captions`` and optionally ``cond_latents`` [B,C,h,w] (an InstructPix2Pix input
+    image, unscaled) for denoise; ``class_latents`` and ``class_prompts`` for prior. Metrics are
+    detached scalars (no host sync).
     """
 
     def __init__(
@@ -100,7 +113,7 @@ class Objective:
         weights: Weights,
         sampler: SamplerSettings,
         reward: Reward | None = None,
-        min_snr_gamma: float | None = None,
+        denoise: DenoiseSettings = DenoiseSettings(),
     ):
         if not (weights.reward or weights.kl or weights.denoise or weights.prior):
             raise ValueError("at least one term weight must be non-zero")
@@ -109,18 +122,18 @@ class Objective:
         self.w = weights
         self.sampler = sampler
         self.reward = reward
-        self.min_snr_gamma = min_snr_gamma
+        self.denoise = denoise
 
     def __call__(self, policy: Policy, batch: dict) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         total, metrics = 0.0, {}
         if self.w.reward or self.w.kl:
             total, metrics = self._sampled_terms(policy, batch)
         if self.w.denoise:
-            d = denoise_loss(policy, batch["latents"], batch["prompts"], batch["generator"], self.min_snr_gamma)
-            total = total + self.w.denoise * d
+            d = denoise_loss(policy, batch["latents"], batch["captions"], batch["generator"], self.denoise, batch.get("cond_latents"))
+            total = total + self.w.denoise * d  # [B]; the reward batch has the same B (train.batch_size)
             metrics["denoise"] = d.detach().mean()
         if self.w.prior:
-            p = denoise_loss(policy, batch["class_latents"], batch["class_prompts"], batch["generator"], self.min_snr_gamma)
+            p = denoise_loss(policy, batch["class_latents"], batch["class_prompts"], batch["generator"], self.denoise)
             total = total + self.w.prior * p.mean()  # class batch size may differ: mean first
             metrics["prior"] = p.detach().mean()
         loss = total.mean()
@@ -154,22 +167,48 @@ def denoise_loss(
     latents: torch.Tensor,
     prompts: list[str],
     generator: torch.Generator | None,
-    min_snr_gamma: float | None = None,
+    settings: DenoiseSettings = DenoiseSettings(),
+    cond_latents: torch.Tensor | None = None,
     mask: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Supervised diffusion loss on data latents (already scaled by the VAE factor): [B, C, h, w] -> [B].
 
-    t ~ U{0..T_train-1}, eps ~ N(0, I), x_t = add_noise(x_0, eps, t); target eps or v
-    according to the scheduler's prediction_type; optional min-SNR weight.
+    Draws, in this order from ``generator``: eps ~ N(0, I) [B,C,h,w], the noise offset N(0, 1) [B,C,1,1]
+    (if any), t ~ U{0..T_train-1} [B], then the dropout draw (with ``cond_latents``).
+    x_t = add_noise(x_0, eps, t); target eps or v; optional min-SNR weight. ``cond_latents``: the
+    InstructPix2Pix conditioning image's latents, concatenated to x_t along channels, with the
+    text / image / both dropped per ``settings.conditioning_dropout``.
     """
     sched = policy.components.scheduler
     b = latents.shape[0]
     noise = torch.randn(latents.shape, generator=generator, dtype=latents.dtype).to(latents.device)
+    if settings.noise_offset:
+        offset = torch.randn((b, latents.shape[1], 1, 1), generator=generator, dtype=latents.dtype).to(latents.device)
+        noise = noise + settings.noise_offset * offset  # [B, C, h, w] + [B, C, 1, 1]
     t = torch.randint(0, sched.config.num_train_timesteps, (b,), generator=generator).to(latents.device)
     noisy = sched.add_noise(latents, noise, t)
-    kind = sched.config.prediction_type
+    kind = sched.config.prediction_type if settings.target == "scheduler" else settings.target
     target = noise if kind == "epsilon" else sched.get_velocity(latents, noise, t)
     cond = policy.encode_prompts(list(prompts))  # [B, L, D]
-    pred = policy.net(noisy, t, encoder_hidden_states=cond, return_dict=False)[0]
-    weight = None if min_snr_gamma is None else min_snr_weight(snr(sched.alphas_cumprod, t), min_snr_gamma, kind)
+    if cond_latents is not None:
+        drop_text, drop_image = (m.to(latents.device) for m in dropout_masks(b, settings.conditioning_dropout, generator))  # [B], [B]
+        null = policy.encode_prompts([""])  # [1, L, D]
+        noisy, cond = ip2p_denoise_inputs(noisy, cond_latents.to(noisy.dtype), cond, null, drop_text, drop_image)  # [B, 2C, h, w]
+    if policy.gradient_checkpointing and torch.is_grad_enabled():  # recompute the UNet's activations in backward
+        pred = checkpoint(_unet_eps, policy.net, noisy, t, cond, use_reentrant=False)
+    else:
+        pred = _unet_eps(policy.net, noisy, t, cond)
+    weight = None if settings.min_snr_gamma is None else min_snr_weight(snr(sched.alphas_cumprod, t), settings.min_snr_gamma, kind)
     return denoise_term(pred, target, weight, mask)
+
+
+def _unet_eps(net, x: torch.Tensor, t: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
+    return net(x, t, encoder_hidden_states=cond, return_dict=False)[0]
+
+
+def encode_pixels(policy: Policy, pixels: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Data latents for the denoise terms: a draw from the frozen VAE's posterior, scaled as in training
+    scripts (diffusers' train_text_to_image). pixels [B, 3, H, W] in [-1, 1] -> [B, 4, H/f, W/f]."""
+    vae = policy.components.vae
+    with torch.no_grad():
+        return vae.encode(pixels, return_dict=False)[0].sample(generator) * vae.config.scaling_factor

@@ -17,9 +17,11 @@ import torch
 from peft import LoraConfig
 
 from models.components import Components
+from models.textual_inversion import expand_prompt, trainable_rows
 
-Trainable = Literal["lora", "full"]
+Trainable = Literal["lora", "full", "none"]
 DEFAULT_LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
+TEXT_LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "out_proj")  # CLIP attention (diffusers' DreamBooth LoRA)
 
 
 class Policy:
@@ -33,8 +35,15 @@ class Policy:
         lora_alpha: float | None = None,
         lora_targets: tuple[str, ...] = DEFAULT_LORA_TARGETS,
         gradient_checkpointing: bool = False,
+        text_encoder: Trainable = "none",
+        tokens: dict[str, int] | None = None,
     ):
+        """``text_encoder``: its trainable set (LoRA on TEXT_LORA_TARGETS with the same rank, or full).
+        ``tokens``: textual-inversion placeholders already added to the components
+        (models/textual_inversion.add_placeholder) -> their vector counts; their rows train."""
         self.components = components
+        self.tokens = dict(tokens or {})
+        self.text_trainable = self._text_trainable(text_encoder, lora_rank, lora_alpha)
         self.trainable = trainable
         self.gradient_checkpointing = gradient_checkpointing
         unet = components.unet
@@ -52,8 +61,10 @@ class Policy:
             self.lora_config = None
             self._reference = copy.deepcopy(unet).requires_grad_(False).eval()
             unet.requires_grad_(True)
+        elif trainable == "none":
+            self.lora_config, self._reference = None, None
         else:
-            raise ValueError(f"trainable must be 'lora' or 'full', got {trainable!r}")
+            raise ValueError(f"trainable must be 'lora', 'full' or 'none', got {trainable!r}")
         unet.train()
         self.net: Callable[..., torch.Tensor] = unet
 
@@ -61,37 +72,85 @@ class Policy:
     def unet(self) -> torch.nn.Module:
         return self.components.unet
 
+    def _text_trainable(self, kind: Trainable, rank: int, alpha: float | None) -> bool:
+        """Set up the text encoder's trainable set; True when text embeddings need gradient."""
+        encoder = self.components.text_encoder
+        if kind == "lora":
+            self.text_lora_config = LoraConfig(
+                r=rank, lora_alpha=alpha if alpha is not None else rank, init_lora_weights="gaussian", target_modules=list(TEXT_LORA_TARGETS)
+            )
+            encoder.add_adapter(self.text_lora_config)
+        elif kind == "full":
+            self.text_lora_config = None
+            encoder.requires_grad_(True)
+            rows = trainable_rows(encoder)
+            if rows is not None:  # the frozen base table is a buffer; only the new rows are a parameter
+                rows.requires_grad_(True)
+        elif kind == "none":
+            self.text_lora_config = None
+        else:
+            raise ValueError(f"text_encoder must be 'lora', 'full' or 'none', got {kind!r}")
+        return kind != "none" or trainable_rows(encoder) is not None
+
+    def param_groups(self) -> dict[str, list[torch.nn.Parameter]]:
+        """Trainable parameters by optimizer group: unet, text_encoder, tokens (the new embedding rows).
+        Only non-empty groups appear."""
+        rows = trainable_rows(self.components.text_encoder)
+        groups = {
+            "unet": [p for p in self.unet.parameters() if p.requires_grad],
+            "text_encoder": [p for p in self.components.text_encoder.parameters() if p.requires_grad and p is not rows],
+            "tokens": [rows] if rows is not None and rows.requires_grad else [],
+        }
+        return {name: params for name, params in groups.items() if params}
+
     def parameters(self) -> list[torch.nn.Parameter]:
-        """The trainable parameters (LoRA A/B matrices, or every UNet weight)."""
-        return [p for p in self.unet.parameters() if p.requires_grad]
+        """Every trainable parameter (LoRA A/B matrices, UNet weights, text-encoder weights, token rows)."""
+        return [p for params in self.param_groups().values() for p in params]
 
     def named_trainable(self) -> dict[str, torch.nn.Parameter]:
-        return {n: p for n, p in self.unet.named_parameters() if p.requires_grad}
+        """Trainable parameters by name: UNet names as they are, text-encoder ones prefixed ``text_encoder.``."""
+        named = {n: p for n, p in self.unet.named_parameters() if p.requires_grad}
+        text = self.components.text_encoder.named_parameters()
+        return named | {f"text_encoder.{n}": p for n, p in text if p.requires_grad}
 
     def encode_prompts(self, prompts: list[str]) -> torch.Tensor:
-        """Text embeddings [B, 77, D] the way StableDiffusionPipeline encodes them (frozen, no grad)."""
+        """Text embeddings [B, 77, D] the way StableDiffusionPipeline encodes them; with gradient only when
+        the text encoder or placeholder rows train. Multi-vector placeholders are spelled out first."""
         tok = self.components.tokenizer
+        prompts = [expand_prompt(p, self.tokens) for p in prompts] if self.tokens else list(prompts)
         ids = tok(prompts, padding="max_length", max_length=tok.model_max_length, truncation=True, return_tensors="pt")
         encoder = self.components.text_encoder
         device = next(encoder.parameters()).device
-        with torch.no_grad():
+        with torch.set_grad_enabled(torch.is_grad_enabled() and self.text_trainable):
             return encoder(ids.input_ids.to(device))[0]
 
     def eps(self, latents: torch.Tensor, t: torch.Tensor, cond: torch.Tensor, guidance: float) -> torch.Tensor:
         """CFG-combined noise prediction of the trained UNet (with grad if enabled)."""
-        return guided_eps(self.net, latents, t, cond, guidance)
+        return guided_eps(self.net, self._unet_input(latents), t, cond, guidance)
 
     @torch.no_grad()
     def eps_ref(self, latents: torch.Tensor, t: torch.Tensor, cond: torch.Tensor, guidance: float) -> torch.Tensor:
         """CFG-combined noise prediction of the frozen reference, on the same x_t."""
         with self.reference() as ref:
-            return guided_eps(ref, latents, t, cond, guidance)
+            return guided_eps(ref, self._unet_input(latents), t, cond, guidance)
+
+    def _unet_input(self, latents: torch.Tensor) -> torch.Tensor:
+        """Text-to-image sampling of an InstructPix2Pix UNet (8 input channels) runs its image-dropped
+        branch: a zero conditioning image, which conditioning dropout trains (models/ip2p.py).
+        Editing an input image is models/ip2p.edit. [B, 4, h, w] -> [B, in_channels, h, w]."""
+        missing = self.unet.config.in_channels - latents.shape[1]
+        if missing <= 0:
+            return latents
+        return torch.cat([latents, latents.new_zeros(latents.shape[0], missing, *latents.shape[2:])], dim=1)
 
     @contextlib.contextmanager
     def reference(self):
         """Yields the frozen reference network (the UNet with adapters off, or the frozen copy)."""
         if self._reference is not None:
             yield self._reference
+            return
+        if self.trainable == "none":  # the UNet is frozen: it is its own reference (the text path may train)
+            yield self.unet
             return
         self.unet.disable_adapters()
         try:

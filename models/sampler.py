@@ -9,7 +9,10 @@ gradient (DRaFT+, NeMo-Aligner semantics), for the KL term.
 With the same seed, scheduler, steps and guidance, ``sample`` reproduces
 diffusers' ``StableDiffusionPipeline`` image for image: the initial noise is
 drawn with ``randn_tensor`` from the same generator, the prompts are encoded
-the same way and the same scheduler steps are taken.
+the same way and the same scheduler steps are taken. ``SamplerSettings.scheduler``
+swaps the solver (models/schedulers.py: DDIM, PNDM, Euler, Euler ancestral,
+DPM-Solver++) on the model's own noise schedule; ``step`` gets only the
+arguments it accepts, as in the pipeline.
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ from diffusers.utils.torch_utils import randn_tensor
 from torch.utils.checkpoint import checkpoint
 
 from models.policy import Policy
+from models.schedulers import SCHEDULERS, scheduler_for, step_kwargs
 
 
 @dataclass(frozen=True)
@@ -35,12 +39,15 @@ class SamplerSettings:
     width: int = 512  # pixels
     negative_prompt: str = ""  # the unconditional text ("" as in diffusers)
     gradient_checkpointing: bool = False  # recompute UNet activations of gradient steps in backward
+    scheduler: str | None = None  # solver name in models.schedulers.SCHEDULERS; None: the components' own
 
     def __post_init__(self):
         if self.steps < 1:
             raise ValueError(f"steps must be >= 1, got {self.steps}")
         if not 1 <= self.truncation_steps <= self.steps:
             raise ValueError(f"truncation_steps K must satisfy 1 <= K <= steps ({self.steps}), got {self.truncation_steps}")
+        if self.scheduler is not None and self.scheduler not in SCHEDULERS:
+            raise ValueError(f"unknown scheduler {self.scheduler!r}; choose one of {', '.join(sorted(SCHEDULERS))}")
 
 
 @dataclass
@@ -54,14 +61,21 @@ class SampleOutput:
     timesteps: list[int] = field(default_factory=list)  # the K gradient steps' t
 
 
-def initial_latents(policy: Policy, batch: int, settings: SamplerSettings, generator, device, dtype) -> torch.Tensor:
-    """x_T the way StableDiffusionPipeline.prepare_latents draws it: [B, C, H/f, W/f] * init_noise_sigma."""
+def initial_latents(
+    policy: Policy, batch: int, settings: SamplerSettings, generator, device, dtype, scheduler=None
+) -> torch.Tensor:
+    """x_T the way StableDiffusionPipeline.prepare_latents draws it: [B, C, H/f, W/f] * init_noise_sigma.
+
+    ``scheduler`` (default: the components' own) must have had ``set_timesteps`` called: for Euler-type
+    schedulers init_noise_sigma depends on the timesteps, and the pipeline sets them before drawing x_T.
+    """
     comps = policy.components
+    scheduler = scheduler if scheduler is not None else comps.scheduler
     f = comps.vae_scale_factor
     if settings.height % f or settings.width % f:
         raise ValueError(f"height and width must be multiples of {f}, got {settings.height}x{settings.width}")
-    shape = (batch, comps.unet.config.in_channels, settings.height // f, settings.width // f)
-    return randn_tensor(shape, generator=generator, device=device, dtype=dtype) * comps.scheduler.init_noise_sigma
+    shape = (batch, comps.vae.config.latent_channels, settings.height // f, settings.width // f)  # not unet in_channels: InstructPix2Pix has 8
+    return randn_tensor(shape, generator=generator, device=device, dtype=dtype) * scheduler.init_noise_sigma
 
 
 def sample(
@@ -99,13 +113,16 @@ def _blended_eps(policy: Policy, x_t, t, cond, guidance: float, w: float) -> tor
 
 def _sample(policy, prompts, settings, generator, with_ref, track_grad, latents, blend=None) -> SampleOutput:
     comps = policy.components
-    scheduler = comps.scheduler
+    scheduler = scheduler_for(comps.scheduler, settings.scheduler)
     unet_param = next(comps.unet.parameters())
     cond = policy.encode_prompts([settings.negative_prompt] * len(prompts) + list(prompts))  # [2B, L, D]
+    scheduler.set_timesteps(settings.steps, device=unet_param.device)  # also resets multistep state
+    timesteps = scheduler.timesteps  # PNDM may take more model calls than steps
+    if blend is not None and len(blend) != len(timesteps):
+        raise ValueError(f"blend needs one weight per scheduler timestep ({len(timesteps)}), got {len(blend)}")
     if latents is None:
-        latents = initial_latents(policy, len(prompts), settings, generator, unet_param.device, cond.dtype)
-    scheduler.set_timesteps(settings.steps, device=unet_param.device)
-    timesteps = scheduler.timesteps
+        latents = initial_latents(policy, len(prompts), settings, generator, unet_param.device, cond.dtype, scheduler)
+    extra = step_kwargs(scheduler, settings.eta, generator)
     first_grad = len(timesteps) - settings.truncation_steps
     eps_all, ref_all, grad_ts = [], [], []
     for i, t in enumerate(timesteps):
@@ -123,7 +140,7 @@ def _sample(policy, prompts, settings, generator, with_ref, track_grad, latents,
                 grad_ts.append(int(t))
                 if with_ref:
                     ref_all.append(policy.eps_ref(x_t, t, cond, settings.guidance))
-            latents = scheduler.step(eps, t, latents, eta=settings.eta, generator=generator, return_dict=False)[0]
+            latents = scheduler.step(eps, t, latents, **extra, return_dict=False)[0]
     images = decode(policy, latents, generator)
     return SampleOutput(
         images=images,

@@ -46,17 +46,22 @@ def _parser() -> argparse.ArgumentParser:
 
     _toy_parser(sub)
 
-    s = sub.add_parser("sample", help="generate images with diffusers' StableDiffusionPipeline (+ a trained LoRA)")
+    s = sub.add_parser("sample", help="generate (or, with --image, edit) images with diffusers' pipelines (+ a trained LoRA / embeddings)")
     s.add_argument("--model", required=True, help="'tiny', a diffusers-layout directory, or a hub id")
     s.add_argument("--lora", help="directory holding pytorch_lora_weights.safetensors (a run's export/)")
     s.add_argument("--prompt", required=True, help="the text prompt")
     s.add_argument("--negative-prompt", default=None, help="text for the unconditional branch")
     s.add_argument("--seed", type=int, default=0, help="seed of the first image; image i uses seed + i")
-    s.add_argument("--steps", type=int, default=50, help="DDIM steps")
+    s.add_argument("--steps", type=int, default=50, help="denoising steps")
     s.add_argument("--guidance", type=float, default=7.5, help="classifier-free guidance scale")
     s.add_argument("--height", type=int, default=None, help="pixels (default: the model's native size)")
     s.add_argument("--width", type=int, default=None, help="pixels (default: the model's native size)")
     s.add_argument("--num-images", type=int, default=1, help="how many images")
+    s.add_argument("--scheduler", choices=["ddim", "pndm", "euler", "euler_a", "dpmsolver++"], help="sampling scheduler (default: the model's)")
+    s.add_argument("--lora-scale", type=float, default=1.0, help="strength of the LoRA (0 = the base model)")
+    s.add_argument("--embeddings", action="append", default=[], help="textual-inversion file or directory (learned_embeds.safetensors); repeatable")
+    s.add_argument("--image", help="InstructPix2Pix: edit this image (the model's UNet must have 8 input channels)")
+    s.add_argument("--image-guidance", type=float, default=1.5, help="InstructPix2Pix image guidance scale (with --image)")
     s.add_argument("--out", required=True, help="output directory for PNGs")
     _score_parser(sub)
     _weights_parser(sub)
@@ -118,6 +123,12 @@ def _toy_parser(sub) -> None:
     r = ys.add_parser("reward", help="train the toy reward model / classifier (about 7 min on 2 CPU cores)")
     r.add_argument("--out", required=True, help="output .safetensors; the shipped copy is rewards/weights/toy_net.safetensors")
     r.add_argument("--steps", type=int, default=None, help="optimizer steps (default: RewardTrainSettings)")
+    d = ys.add_parser("dataset", help="render training data for the supervised toy presets (configs/toy-*.yaml)")
+    d.add_argument("--out", required=True, help="output directory (created)")
+    d.add_argument("--kind", choices=["captions", "subject", "edits"], required=True,
+                   help="captions: images + .txt; subject: DreamBooth instance images; edits: InstructPix2Pix triples")  # fmt: skip
+    d.add_argument("--n", type=int, default=64, help="number of items")
+    d.add_argument("--seed", type=int, default=0, help="toy-world seed")
     c = ys.add_parser("check", help="caption accuracy of a model's samples, judged by the toy classifier")
     c.add_argument("--model", default="toy", help="'toy' or a diffusers-layout directory")
     c.add_argument("--lora", help="a run's export/ directory to apply")
@@ -162,6 +173,12 @@ def _toy(args) -> int:
         s = PretrainSettings(seed=args.seed)
         s = replace(s, vae_steps=args.vae_steps or s.vae_steps, unet_steps=args.unet_steps or s.unet_steps)
         print(pretrain(args.out, s))
+    elif args.toy_command == "dataset":
+        from rayjobs.toy_data import write_dataset
+
+        if args.n < 1:
+            raise UserError(f"--n must be >= 1, got {args.n}")
+        print(write_dataset(args.out, args.kind, args.n, args.seed))
     elif args.toy_command == "reward":
         from rayjobs.toy import train_reward
 

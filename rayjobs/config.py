@@ -3,7 +3,8 @@
 ``Config()`` with no arguments IS the embedded default (== configs/toy.yaml):
 DRaFT+ on the shipped toy-world model against the toy appeal reward
 (docs/toy-world.md), small enough for a 2-core CPU in minutes. YAML presets in configs/ override only what differs.
-Unknown keys are errors. Derived sizes:
+Unknown keys are errors. Larger sections have their own files: rayjobs/config_data.py (data),
+rayjobs/config_reward.py (reward, diversity), rayjobs/config_sweep.py (sweep). Derived sizes:
 
     global batch (prompts per optimizer step) = train.batch_size * train.grad_accum * ray.num_workers
     images per evaluation                     = len(data.eval_prompts) * len(data.eval_seeds)
@@ -11,17 +12,18 @@ Unknown keys are errors. Derived sizes:
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import Field, ValidationError, model_validator
 
+from rayjobs.config_data import DataConfig
+from rayjobs.config_reward import DiversityConfig, RewardConfig
+from rayjobs.config_sweep import SweepConfig
 from rayjobs.errors import UserError
-
-
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+from rayjobs.schema import _Strict
 
 
 class ModelConfig(_Strict):
@@ -38,8 +40,18 @@ class ModelConfig(_Strict):
     )
 
 
+class PlaceholderToken(_Strict):
+    """A textual-inversion token: `token` in a prompt stands for num_vectors learned embedding rows."""
+
+    token: str = Field(..., min_length=1, description="the placeholder as written in prompts, e.g. '<sks>' (must be new to the vocabulary)")
+    num_vectors: int = Field(1, ge=1, description="embedding vectors it expands to (token, token_1, ... as diffusers names them)")
+    init_token: str | None = Field(None, description="an existing single token whose embedding initialises the rows (e.g. 'dog'); None = random")
+
+
 class TrainableConfig(_Strict):
-    kind: Literal["lora", "full"] = Field("lora", description="'lora': UNet LoRA through peft; 'full': every UNet weight")
+    kind: Literal["lora", "full", "none"] = Field(
+        "lora", description="the UNet's trainable set: 'lora' (peft adapters), 'full' (every weight), 'none' (frozen: textual inversion alone)"
+    )
     lora_rank: int = Field(4, ge=1, description="LoRA rank r")
     lora_alpha: float | None = Field(None, gt=0, description="LoRA alpha; scale = alpha / r. None = r (scale 1)")
     lora_targets: list[str] = Field(
@@ -49,6 +61,28 @@ class TrainableConfig(_Strict):
         "(the random tiny model barely moves with attention-only LoRA); SD presets use attention only",
     )
     gradient_checkpointing: bool = Field(False, description="recompute UNet activations of the K gradient steps in backward (less memory, ~30% slower)")
+    text_encoder: Literal["none", "lora", "full"] = Field(
+        "none", description="the text encoder's trainable set (DreamBooth option): LoRA on q/k/v/out projections (rank lora_rank), or every weight"
+    )
+    tokens: list[PlaceholderToken] = Field(
+        [], description="textual inversion: new tokens whose embedding rows train (every other row stays bit-identical)"
+    )
+    token_norm_target: float | None = Field(
+        None, gt=0, description="after each step pull the new rows' norms toward this value (cloneofsimo's clip_ti_decay; 0.4 there); None = off"
+    )
+    unet_in_channels: Literal[4, 8] = Field(
+        4, description="8 = InstructPix2Pix: the UNet input gains 4 zero-initialised channels for the conditioning image's latents"
+    )
+    ema_decay: float | None = Field(None, gt=0, lt=1, description="exponential moving average of the trainable weights (exported instead of them); None = off")
+
+    @model_validator(mode="after")
+    def _something_trains(self):
+        if self.kind == "none" and self.text_encoder == "none" and not self.tokens:
+            raise ValueError("nothing to train: kind 'none' needs text_encoder or tokens")
+        names = [t.token for t in self.tokens]
+        if len(set(names)) != len(names):
+            raise ValueError(f"tokens must be distinct, got {names}")
+        return self
 
 
 class SamplerConfig(_Strict):
@@ -64,6 +98,9 @@ class SamplerConfig(_Strict):
     height: int = Field(32, ge=8, description="image height, pixels (multiple of the VAE factor, 8 for SD)")
     width: int = Field(32, ge=8, description="image width, pixels")
     negative_prompt: str = Field("", description="text of the unconditional branch of CFG")
+    scheduler: Literal["ddim", "pndm", "euler", "euler_a", "dpmsolver++"] | None = Field(
+        None, description="sampling scheduler (models/schedulers.py), built from the model's noise schedule; None = the model's own (DDIM for toy/tiny)"
+    )
 
     @model_validator(mode="after")
     def _k_le_t(self):
@@ -72,137 +109,80 @@ class SamplerConfig(_Strict):
         return self
 
 
+# Term weights each preset implies when a weight is left null (DESIGN.md preset table):
+# (reward, kl_coeff, denoise, prior, conditioning_dropout).
+PRESET_WEIGHTS = {
+    "draftplus": (1.0, 0.03, 0.0, 0.0, 0.0),
+    "draft": (1.0, 0.0, 0.0, 0.0, 0.0),
+    "finetune": (0.0, 0.0, 1.0, 0.0, 0.0),
+    "dreambooth": (0.0, 0.0, 1.0, 1.0, 0.0),
+    "textual_inversion": (0.0, 0.0, 1.0, 0.0, 0.0),
+    "pivotal": (0.0, 0.0, 1.0, 0.0, 0.0),
+    "instructpix2pix": (0.0, 0.0, 1.0, 0.0, 0.05),
+}
+
+
 class ObjectiveConfig(_Strict):
-    preset: Literal["draftplus", "draft"] = Field(
-        "draftplus", description="draftplus: reward + kl_coeff * KL; draft: reward only (kl_coeff 0)"
+    """loss = -reward_weight R + kl_coeff KL + denoise_weight D + prior_weight P (per sample, then mean).
+
+    The preset only fills the weights left null (PRESET_WEIGHTS); what trains is the trainable section
+    and what data is read follows from the non-zero weights (rayjobs/config_data.py).
+    """
+
+    preset: Literal["draftplus", "draft", "finetune", "dreambooth", "textual_inversion", "pivotal", "instructpix2pix"] = Field(
+        "draftplus",
+        description="draftplus: reward + kl_coeff * KL; draft: reward only (kl_coeff 0); finetune / textual_inversion / pivotal: "
+        "denoise on data.source; dreambooth: denoise + prior on data.class_dir; instructpix2pix: denoise on edit triples with "
+        "conditioning dropout",
     )
-    reward_weight: float = Field(1.0, gt=0, description="weight of -reward in the loss")
+    reward_weight: float | None = Field(None, ge=0, description="weight of -reward in the loss; None = preset's (1 for draft/draftplus, else 0)")
     kl_coeff: float | None = Field(
-        None, ge=0, description="beta, weight of the KL on CFG-combined eps (per-element mean). None = preset's (draftplus 0.03, draft 0). "
+        None, ge=0, description="beta, weight of the KL on CFG-combined eps (per-element mean). None = preset's (draftplus 0.03, else 0). "
         "Relative to the reward's scale: 0.03 suits the toy appeal reward (~2; docs/reproduction.md), SD presets set their own"
+    )
+    denoise_weight: float | None = Field(
+        None, ge=0, description="weight of the denoising MSE on data.source; None = preset's (1 for supervised presets, else 0). "
+        "A DRaFT+ run with denoise_weight > 0 is a mixed objective (a supervised anchor)"
+    )
+    prior_weight: float | None = Field(None, ge=0, description="lambda, DreamBooth prior preservation on class images; None = preset's (dreambooth 1, else 0)")
+    prediction_target: Literal["scheduler", "epsilon", "v_prediction"] = Field(
+        "scheduler", description="what the denoise term regresses: the scheduler's prediction_type, or eps / v explicitly"
+    )
+    min_snr_gamma: float | None = Field(None, gt=0, description="min-SNR-gamma loss weighting of the denoise terms (Hang et al. 2023; 5 there); None = off")
+    noise_offset: float = Field(0.0, ge=0, description="add noise_offset * N(0, 1) per channel to the training noise (darker/brighter images); 0.05-0.1 typical")
+    conditioning_dropout: float | None = Field(
+        None, ge=0, le=1 / 3, description="p: drop the text only, the image only and both, each with probability p "
+        "(InstructPix2Pix classifier-free guidance); None = preset's (instructpix2pix 0.05, else 0)"
     )
 
     @model_validator(mode="after")
-    def _preset_kl(self):
+    def _valid_weights(self):
         if self.preset == "draft" and self.kl_coeff:
             raise ValueError("preset 'draft' means kl_coeff 0; use preset 'draftplus' for a KL term")
+        reward, kl, denoise, prior, _ = self.weights
+        if not (reward or kl or denoise or prior):
+            raise ValueError("every term weight is 0: nothing to train")
         return self
 
     @property
+    def weights(self) -> tuple[float, float, float, float, float]:
+        """(reward, kl, denoise, prior, conditioning_dropout): the given values, the preset's where null."""
+        given = (self.reward_weight, self.kl_coeff, self.denoise_weight, self.prior_weight, self.conditioning_dropout)
+        return tuple(g if g is not None else d for g, d in zip(given, PRESET_WEIGHTS[self.preset]))  # type: ignore[return-value]
+
+    @property
     def beta(self) -> float:
-        if self.kl_coeff is not None:
-            return self.kl_coeff
-        return {"draftplus": 0.03, "draft": 0.0}[self.preset]
+        return self.weights[1]
 
 
-DEFAULT_REWARD = "toy_appeal"  # the shipped toy reward (docs/toy-world.md)
+PARAM_GROUPS = ("unet", "text_encoder", "tokens")  # the optimizer's parameter groups (models/policy.py)
 
 
-class _Normalized(_Strict):
-    """An affine normalisation of a reward, a * r + b: give scale/shift (a, b) or mean/std ((r - mean) / std)."""
+class Phase(_Strict):
+    """One phase of a training schedule: ``steps`` optimizer steps with these groups training."""
 
-    scale: float | None = Field(None, description="a in a * r + b (default 1)")
-    shift: float | None = Field(None, description="b in a * r + b (default 0)")
-    mean: float | None = Field(None, description="with std: normalise as (r - mean) / std, e.g. the base model's eval mean")
-    std: float | None = Field(None, gt=0, description="with mean: the reward's spread (its units)")
-
-    @model_validator(mode="after")
-    def _valid_affine(self):
-        from rewards.combine import affine
-
-        affine(self.scale, self.shift, self.mean, self.std)  # ValueError -> one line naming the field
-        return self
-
-    def term(self, name: str, kwargs: dict, weight: float = 1.0):
-        from rewards.combine import TermSpec, affine
-
-        a, b = affine(self.scale, self.shift, self.mean, self.std)
-        return TermSpec(name, dict(kwargs), weight, a, b)
-
-
-class RewardTerm(_Normalized):
-    name: str = Field(description="registered reward name (see rewards.REWARDS)")
-    kwargs: dict[str, Any] = Field(default_factory=dict, description="the reward's own settings (e.g. weight locations)")
-    weight: float = Field(1.0, description="weight of this normalised reward in the sum")
-
-
-class RewardConfig(_Normalized):
-    """One reward (name, kwargs, optional normalisation), or a weighted sum of normalised rewards (terms).
-
-    The objective maximises R = sum_i weight_i * (a_i * r_i + b_i); kl_coeff is relative to R's scale,
-    so normalise rewards that live far from 1 (PickScore ~21, HPSv2 ~0.27; REFERENCES.md). Each
-    component's raw score is logged as reward/<name> (training) and eval/reward_<name>.
-    """
-
-    name: str | None = Field(
-        None,
-        description="registered reward name (see rewards.REWARDS); toy_appeal when neither name nor terms is given. "
-        "With terms it must be null: a preset extending a single-reward base writes name: null and kwargs: null",
-    )
-    kwargs: dict[str, Any] = Field(default_factory=dict, description="the reward's own settings, passed to its builder")
-    terms: list[RewardTerm] = Field(default_factory=list, description="a weighted sum of rewards instead of name/kwargs")
-
-    @model_validator(mode="before")
-    @classmethod
-    def _default_reward(cls, data):
-        if isinstance(data, dict):
-            data = {k: v for k, v in data.items() if not (k == "kwargs" and v is None)}
-            if not data.get("terms") and "name" not in data:
-                data["name"] = DEFAULT_REWARD
-        return data
-
-    @model_validator(mode="after")
-    def _one_form(self):
-        if not self.terms:
-            if self.name is None:
-                raise ValueError("give a reward name, or terms (a weighted sum)")
-            return self
-        single = [k for k in ("name", "kwargs", "scale", "shift", "mean", "std") if getattr(self, k)]
-        if single:
-            raise ValueError(f"give either one reward (name/kwargs) or terms (a weighted sum), not both (set {single} to null)")
-        return self
-
-    def specs(self) -> list:
-        """The rewards.combine.TermSpec list this config describes (one item for a single reward)."""
-        if self.terms:
-            return [t.term(t.name, t.kwargs, t.weight) for t in self.terms]
-        assert self.name is not None  # _one_form
-        return [self.term(self.name, self.kwargs)]
-
-
-class DiversityConfig(_Strict):
-    name: str = Field("toy_lpips", description="registered diversity metric (see rewards.DIVERSITY_METRICS)")
-    kwargs: dict[str, Any] = Field(default_factory=dict, description="the metric's own settings")
-    fallback: str | None = Field(
-        "pairwise_rms",
-        description="metric used instead when this one's default weights are absent (e.g. lpips without AlexNet "
-        "weights); the switch is printed and recorded in the run's config.yaml. A location set in kwargs that is "
-        "missing is always an error. None = stop with the missing-weights error",
-    )
-
-
-# Toy-world captions (rewards/toyworld.py): the shipped toy model was trained on this grammar.
-# Training prompts name shape and colour, sometimes size and background; the rest is left to the seed.
-TRAIN_PROMPTS = [
-    "a red circle", "a blue square", "a yellow triangle", "a green star",
-    "a purple circle on a white background", "an orange square on a black background",
-    "a white triangle on a blue background", "a black star on a yellow background",
-    "a small green circle", "a large red square", "a small blue star", "a large yellow circle on a purple background",
-]
-# Evaluation prompts: held out from training, two fully and two partly specified.
-EVAL_PROMPTS = [
-    "a red star",
-    "a blue circle on a white background",
-    "a yellow square",
-    "a green triangle on a black background",
-]
-
-
-class DataConfig(_Strict):
-    prompts: list[str] = Field(TRAIN_PROMPTS, min_length=1, description="training prompts, drawn uniformly (ignored when prompts_file is set)")
-    prompts_file: str | None = Field(None, description="text file, one prompt per line (blank lines skipped); replaces prompts")
-    eval_prompts: list[str] = Field(EVAL_PROMPTS, min_length=1, description="fixed evaluation prompts (rows of the sample grid)")
-    eval_seeds: list[int] = Field([0, 1, 2, 3, 4, 5], min_length=2, description="one image per seed per eval prompt (grid columns); >= 2 for diversity")
+    steps: int = Field(..., ge=1, description="optimizer steps of this phase")
+    lr: dict[str, float] = Field(..., min_length=1, description="parameter group (unet, text_encoder, tokens) -> its learning rate in this phase")
 
 
 class OptimConfig(_Strict):
@@ -212,6 +192,28 @@ class OptimConfig(_Strict):
     eps: float = Field(1e-8, gt=0, description="AdamW epsilon")
     warmup_steps: int = Field(5, ge=0, description="linear warmup from 0 to lr, optimizer steps")
     grad_clip: float = Field(10.0, ge=0, description="max global gradient norm (0 disables clipping)")
+    text_encoder_lr: float | None = Field(None, gt=0, description="learning rate of the text encoder's trainable weights; None = lr")
+    token_lr: float | None = Field(None, gt=0, description="learning rate of textual-inversion rows; None = lr (TI write-ups use ~5e-4 to 5e-3)")
+    name: Literal["adamw", "adamw8bit"] = Field(
+        "adamw", description="adamw: torch AdamW; adamw8bit: bitsandbytes' 8-bit AdamW (CUDA only; install bitsandbytes)"
+    )
+    phases: list[Phase] = Field(
+        [],
+        description="a schedule of which parameter groups train (pivotal tuning: [{steps: 500, lr: {tokens: 5e-3}}, "
+        "{steps: 500, lr: {unet: 1e-4}}]); steps must sum to train.steps; a group absent from a phase has lr 0 there. "
+        "Empty = every group trains throughout at its own lr",
+    )
+
+    @model_validator(mode="after")
+    def _phases_name_groups(self):
+        for i, phase in enumerate(self.phases):
+            bad = sorted(set(phase.lr) - set(PARAM_GROUPS))
+            if bad:
+                raise ValueError(f"phases.{i}.lr: unknown parameter group(s) {bad}; use {list(PARAM_GROUPS)}")
+        return self
+
+    def group_lr(self, group: str) -> float:
+        return {"unet": self.lr, "text_encoder": self.text_encoder_lr or self.lr, "tokens": self.token_lr or self.lr}[group]
 
 
 class TrainConfig(_Strict):
@@ -237,98 +239,6 @@ class RunConfig(_Strict):
     output_dir: str = Field("runs", description="parent directory of run directories")
 
 
-class ParamSpec(_Strict):
-    """How a sweep draws one config key: exactly one of the four fields."""
-
-    grid: list[Any] | None = Field(None, min_length=1, description="every value, each in its own trial (Tune grid_search)")
-    choice: list[Any] | None = Field(None, min_length=1, description="one value drawn uniformly per sample")
-    uniform: tuple[float, float] | None = Field(None, description="[low, high], drawn uniformly per sample")
-    loguniform: tuple[float, float] | None = Field(None, description="[low, high] with 0 < low, drawn log-uniformly per sample")
-
-    @model_validator(mode="after")
-    def _one(self):
-        given = [k for k in ("grid", "choice", "uniform", "loguniform") if getattr(self, k) is not None]
-        if len(given) != 1:
-            raise ValueError(f"give exactly one of grid, choice, uniform, loguniform (got {', '.join(given) or 'none'})")
-        bounds = self.uniform or self.loguniform
-        if bounds is not None and not (bounds[0] < bounds[1] and (self.uniform or bounds[0] > 0)):
-            raise ValueError(f"bounds must be low < high (and low > 0 for loguniform), got {list(bounds)}")
-        return self
-
-
-class InferenceKnobs(_Strict):
-    """Points evaluated on every checkpoint of each trial without more training (models/inference.py);
-    they join the front marked by kind. Each costs one evaluation (eval prompts x seeds) per trial."""
-
-    lora_scales: list[float] = Field([], description="LoRA scales s, 0 <= s < 1 (s = 0 is the base model; 1 is the trained point itself)")
-    aig: list[str] = Field([], description="annealed importance guidance schedules: linear, power_<p>, step_<f>, e.g. [linear, power_2, step_0.5]")
-
-    @model_validator(mode="after")
-    def _valid(self):
-        from models.inference import parse_aig
-
-        bad = [s for s in self.lora_scales if not 0.0 <= s < 1.0]
-        if bad:
-            raise ValueError(f"lora_scales must be in [0, 1), got {bad}")
-        for label in self.aig:
-            parse_aig(label)
-        return self
-
-
-class ASHAConfig(_Strict):
-    """Asynchronous successive halving (Tune's ASHAScheduler) on one eval metric: at each rung a trial
-    below the top 1/reduction_factor of the trials that reached the rung is stopped. Rungs are at
-    grace_period * reduction_factor**k optimizer steps; a trial is only judged at its evaluations, so
-    rungs should fall on multiples of train.eval_every."""
-
-    metric: str | None = Field(None, description="the eval metric judged (maximised); None = sweep.reward_metric")
-    grace_period: int = Field(..., ge=1, description="optimizer steps every trial runs before it can be stopped")
-    reduction_factor: float = Field(2.0, gt=1, description="keep the top 1/reduction_factor at each rung")
-
-
-class SweepConfig(_Strict):
-    """`draftray sweep`: Ray Tune trials, each a full training run with the swept keys changed.
-
-    trials = (product of grid sizes) * num_samples. Every trial evaluates on the same
-    data.eval_prompts x data.eval_seeds every train.eval_every steps; each evaluation is a
-    candidate point (reward, diversity) of the Pareto front.
-    """
-
-    name: str | None = Field(None, pattern=r"^[A-Za-z0-9._-]+$", description="sweep directory name under run.output_dir; None = sweep-<timestamp>")
-    params: dict[str, ParamSpec] = Field(..., min_length=1, description="dotted config key (e.g. objective.kl_coeff) -> how to draw it")
-    num_samples: int = Field(1, ge=1, description="Tune samples: repeats of the grid; draws of choice/uniform/loguniform keys")
-    seed: int = Field(0, description="seed of the random draws")
-    max_concurrent: int | None = Field(
-        None, ge=1, description="trials at once; None = cluster CPUs (GPUs with ray.use_gpu) // what one trial's workers take"
-    )
-    search: Literal["basic", "optuna"] = Field(
-        "basic",
-        description="basic: Tune's grid/random generator (every grid value x num_samples draws); optuna: Optuna's "
-        "multi-objective sampler (NSGA-II) maximising reward_metric and diversity_metric together, num_samples trials, "
-        "no grid keys (use choice)",
-    )
-    scheduler: ASHAConfig | None = Field(None, description="early stopping of weak trials (None = every trial runs to train.steps)")
-    max_failures: int = Field(
-        1, ge=0, description="times a failed trial is restarted (from its last checkpoint) before it is recorded as failed in trials.csv"
-    )
-    checkpoint_evals: bool = Field(
-        True,
-        description="checkpoint at every evaluation and keep them all, so every point of the front has its weights (and its "
-        "inference-time points); False = train.checkpoint_every and only the last 3 (saves disk with full fine-tuning)",
-    )
-    reward_metric: str = Field("eval/reward_mean", description="the front's reward axis (maximised)")
-    diversity_metric: str | None = Field(None, description="the front's diversity axis (maximised); None = eval/diversity_<diversity.name>")
-    inference: InferenceKnobs = InferenceKnobs()
-
-    @model_validator(mode="after")
-    def _search_fits(self):
-        if self.search == "optuna":
-            grid = [k for k, spec in self.params.items() if spec.grid is not None]
-            if grid:
-                raise ValueError(f"search optuna draws every key; use choice instead of grid for {', '.join(grid)}")
-        return self
-
-
 class Config(_Strict):
     run: RunConfig = RunConfig()
     model: ModelConfig = ModelConfig()
@@ -342,6 +252,20 @@ class Config(_Strict):
     train: TrainConfig = TrainConfig()
     ray: RayConfig = RayConfig()
     sweep: SweepConfig | None = Field(None, description="only read by `draftray sweep` (see SweepConfig)")
+
+    @model_validator(mode="after")
+    def _sections_agree(self):
+        """Checks across sections, each naming the field to change."""
+        reward, kl, denoise, prior, _ = self.objective.weights
+        if denoise and self.data.source is None:
+            raise ValueError("data.source: the denoise term (objective.denoise_weight > 0) needs an image dataset")
+        if prior and self.data.class_dir is None:
+            raise ValueError("data.class_dir: the prior term (objective.prior_weight > 0) needs class_dir and class_prompt")
+        if self.optim.phases and sum(p.steps for p in self.optim.phases) != self.train.steps:
+            raise ValueError(f"optim.phases: steps sum to {sum(p.steps for p in self.optim.phases)}, train.steps is {self.train.steps}")
+        if self.data.conditioning_column and self.trainable.unet_in_channels != 8:
+            raise ValueError("trainable.unet_in_channels: a conditioning image (data.conditioning_column) needs 8 UNet input channels")
+        return self
 
 
 # ---- loading ---------------------------------------------------------------------------------
@@ -370,6 +294,8 @@ def validate(data: dict, where: str = "config") -> Config:
         if e["type"] == "extra_forbidden":
             raise UserError(f"{where} {field}: unknown key (see rayjobs/config.py for the fields)") from None
         msg = e["msg"].removeprefix("Value error, ")
+        if not e["loc"] and re.match(r"^[a-z_]+\.[a-z_.]+: ", msg):  # a cross-section check names its own field
+            raise UserError(f"{where} {msg}") from None
         got = "" if isinstance(e["input"], dict) else f" (got {e['input']!r})"
         raise UserError(f"{where} {field}: {msg}{got}") from None
 

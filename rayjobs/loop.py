@@ -11,29 +11,31 @@ from __future__ import annotations
 
 import contextlib
 import math
-import random
 import shutil
 import tempfile
 import time
 from pathlib import Path
 from typing import Protocol
 
-import numpy as np
 import torch
 import torch.distributed as dist
 
 import rewards
-from models.components import load_components
 from models.export import export
-from models.objective import Objective, Weights, kl_term, score_parts
+from models.objective import DenoiseSettings, Objective, Weights, kl_term, score_parts
 from models.policy import Policy
 from models.sampler import SamplerSettings, sample
 from rayjobs import checkpoint
+from models.textual_inversion import decay_norms_, trainable_rows
+from rayjobs.batches import Batches, mix_seed
+from rayjobs.class_images import generate_class_images, missing_indices
 from rayjobs.config import Config
-from rayjobs.errors import UserError
+from rayjobs.optim import EMA, build_optimizer, build_schedule
+from rayjobs.prepare import prepare_components
 from rayjobs.runlog import STOP_FILE, STOP_REQUEST, RunLog
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+EMA_PREFIX = "ema."  # checkpoint keys of the EMA averages
 
 
 class WorkerContext(Protocol):
@@ -69,21 +71,6 @@ class LocalContext:
         yield found[-1] if found else None
 
 
-def load_prompts(cfg: Config) -> list[str]:
-    """Training prompts from data.prompts_file (one per line) or data.prompts."""
-    if cfg.data.prompts_file is None:
-        return list(cfg.data.prompts)
-    path = Path(cfg.data.prompts_file)
-    try:
-        lines = path.read_text(encoding="utf-8").splitlines()
-    except (OSError, UnicodeDecodeError) as err:
-        raise UserError(f"data.prompts_file {path}: cannot read ({getattr(err, 'strerror', None) or err})") from None
-    prompts = [line.strip() for line in lines if line.strip()]
-    if not prompts:
-        raise UserError(f"data.prompts_file {path}: no prompts (expected one prompt per line)")
-    return prompts
-
-
 def sampler_settings(cfg: Config) -> SamplerSettings:
     s = cfg.sampler
     return SamplerSettings(
@@ -95,12 +82,8 @@ def sampler_settings(cfg: Config) -> SamplerSettings:
         width=s.width,
         negative_prompt=s.negative_prompt,
         gradient_checkpointing=cfg.trainable.gradient_checkpointing,
+        scheduler=s.scheduler,
     )
-
-
-def _seed(*parts: int) -> int:
-    """A well-mixed 63-bit seed from (base seed, rank, step, micro-batch, ...)."""
-    return int(np.random.SeedSequence([p & 0xFFFFFFFF for p in parts]).generate_state(2, np.uint64)[0] >> 1)
 
 
 def eval_metric_names(cfg: Config) -> set[str]:
@@ -117,38 +100,60 @@ class Worker:
         self.cfg, self.ctx = cfg, ctx
         self.dtype = DTYPES[cfg.model.dtype]
         torch.manual_seed(cfg.train.seed)  # the same LoRA init on every rank, whatever the world size
-        comps = load_components(cfg.model.name_or_path, cfg.model.revision)
+        comps, tokens = prepare_components(cfg)
         t = cfg.trainable
-        self.policy = Policy(comps, t.kind, t.lora_rank, t.lora_alpha, tuple(t.lora_targets), t.gradient_checkpointing)
-        torch.manual_seed(_seed(cfg.train.seed, ctx.rank))  # from here on ranks draw differently
+        self.policy = Policy(comps, t.kind, t.lora_rank, t.lora_alpha, tuple(t.lora_targets), t.gradient_checkpointing, t.text_encoder, tokens)
+        torch.manual_seed(mix_seed(cfg.train.seed, ctx.rank))  # from here on ranks draw differently
         self.policy.to(ctx.device, self.dtype)
         if ctx.world_size > 1:
             # DDP averages gradients across ranks in backward. LoRA/full leave no unused parameters.
             ids = [ctx.device.index] if ctx.device.type == "cuda" else None
             self.policy.net = torch.nn.parallel.DistributedDataParallel(self.policy.unet, device_ids=ids)
-        self.reward = rewards.build_reward_sum(cfg.reward.specs())
+        self.reward = rewards.build_reward_sum(cfg.reward.specs())  # also the evaluation's, whatever the weights
         if isinstance(self.reward, torch.nn.Module):
             # Frozen reward weights in the compute dtype (bf16 on GPU): half the memory, bf16 activations.
             self.reward.to(ctx.device, self.dtype)
         self.diversity = rewards.build_diversity(cfg.diversity.name, **cfg.diversity.kwargs)
         self.settings = sampler_settings(cfg)
-        weights = Weights(reward=cfg.objective.reward_weight, kl=cfg.objective.beta)
-        self.objective = Objective(weights, self.settings, self.reward)
-        o = cfg.optim
+        o = cfg.objective
+        reward_w, kl, denoise, prior, dropout = o.weights
+        supervised = DenoiseSettings(o.min_snr_gamma, o.noise_offset, o.prediction_target, dropout)
+        self.objective = Objective(Weights(reward_w, kl, denoise, prior), self.settings, self.reward, supervised)
         self.params = self.policy.parameters()
-        self.optimizer = torch.optim.AdamW(self.params, lr=o.lr, betas=o.betas, weight_decay=o.weight_decay, eps=o.eps)
-        warm = max(o.warmup_steps, 0)
-        self.schedule = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda s: min(1.0, (s + 1) / (warm + 1)))
-        self.prompts = load_prompts(cfg)
+        self.optimizer = build_optimizer(self.policy, cfg.optim)
+        self.schedule = build_schedule(self.optimizer, cfg.optim)
+        self.ema = EMA(self.params, t.ema_decay) if t.ema_decay else None
+        self.batches = Batches(cfg, self.policy, ctx.rank)
+
+    def make_class_images(self) -> None:
+        """DreamBooth's class images the class folder lacks, drawn by the model before it trains (every rank)."""
+        if not self.cfg.objective.weights[3]:
+            return
+        todo = missing_indices(self.cfg)
+        if self.ctx.world_size > 1:
+            dist.barrier()  # every rank listed the folder before anyone writes to it
+        with self.autocast():
+            generate_class_images(self.cfg, self.policy, self.settings, todo[self.ctx.rank :: self.ctx.world_size])
+        if self.ctx.world_size > 1:
+            dist.barrier()
+        self.batches = Batches(self.cfg, self.policy, self.ctx.rank)
+
+    def after_step(self) -> None:
+        """Constraints and averages applied after each optimizer step (config options, any preset)."""
+        target = self.cfg.trainable.token_norm_target
+        rows = trainable_rows(self.policy.components.text_encoder)
+        if target is not None and rows is not None:
+            lr = next(g["lr"] for g in self.optimizer.param_groups if g["name"] == "tokens")  # this step's
+            decay_norms_(rows.data, target, lr)
+        if self.ema is not None:
+            self.ema.update()
 
     def autocast(self):
         return torch.autocast(self.ctx.device.type, dtype=self.dtype, enabled=self.dtype != torch.float32)
 
     def batch(self, step: int, micro: int) -> dict:
-        """Prompts drawn uniformly and a noise generator, both seeded by (seed, rank, step, micro)."""
-        seed = _seed(self.cfg.train.seed, self.ctx.rank, step, micro)
-        prompts = random.Random(seed).choices(self.prompts, k=self.cfg.train.batch_size)
-        return {"prompts": prompts, "generator": torch.Generator().manual_seed(seed)}
+        """What the objective's terms need, seeded by (seed, rank, step, micro) (rayjobs/batches.py)."""
+        return self.batches(step, micro)
 
     def train_step(self, step: int, stop_requested: bool = False) -> dict[str, float]:
         """One optimizer step over grad_accum micro-batches; metrics averaged over ranks.
@@ -186,7 +191,10 @@ class Worker:
         if out["finite"]:
             out["lr"] = self.schedule.get_last_lr()[0]
             self.optimizer.step()
+            self.after_step()
             self.schedule.step()
+        if self.batches.skipped:
+            out["data/skipped"] = float(self.batches.skipped)  # this rank's count (data.skip_bad)
         return out
 
     @torch.no_grad()
@@ -220,7 +228,10 @@ class Worker:
         return metrics, images
 
     def save(self, directory: Path, step: int) -> None:
-        checkpoint.save(directory, self.ctx.rank, step, self.policy.trainable_state_dict(), self.optimizer, self.schedule)
+        weights = self.policy.trainable_state_dict()
+        if self.ema is not None:  # the averages travel with the weights, prefixed
+            weights |= {f"{EMA_PREFIX}{k}": v for k, v in self.ema.state_dict().items()}
+        checkpoint.save(directory, self.ctx.rank, step, weights, self.optimizer, self.schedule)
 
     def restore(self) -> int:
         """Loads the latest checkpoint if there is one; returns the optimizer steps already done."""
@@ -228,7 +239,10 @@ class Worker:
             if directory is None:
                 return 0
             step, weights = checkpoint.load(directory, self.ctx.rank, self.optimizer, self.schedule)
-        self.policy.load_trainable_state_dict(weights)
+        ema = {k[len(EMA_PREFIX) :]: v for k, v in weights.items() if k.startswith(EMA_PREFIX)}
+        self.policy.load_trainable_state_dict({k: v for k, v in weights.items() if not k.startswith(EMA_PREFIX)})
+        if self.ema is not None and ema:
+            self.ema.load_state_dict(ema)
         return step
 
 
@@ -236,6 +250,7 @@ def train_loop(cfg: Config, run_dir: Path, ctx: WorkerContext) -> None:
     """Train on this rank until cfg.train.steps, evaluating, logging and checkpointing on the way."""
     run_dir = Path(run_dir)
     worker = Worker(cfg, ctx)
+    worker.make_class_images()  # before restore: drawn by the base model
     start = worker.restore()
     log = RunLog(run_dir) if ctx.rank == 0 else None
     total, every = cfg.train.steps, cfg.train.eval_every
@@ -266,6 +281,8 @@ def train_loop(cfg: Config, run_dir: Path, ctx: WorkerContext) -> None:
             if is_eval or is_ckpt:
                 _report(worker, ctx, done, metrics, is_ckpt)
         if log is not None:
+            if worker.ema is not None:
+                worker.ema.swap()  # export the averaged weights (trainable.ema_decay)
             export(worker.policy, run_dir / "export")
             log.compare(0, total)
     finally:

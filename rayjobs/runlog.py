@@ -21,6 +21,7 @@ METRICS_FILE = "metrics.jsonl"
 INFERENCE_FILE = "inference.jsonl"  # inference-time points of a sweep trial (rayjobs/knobs.py)
 STOP_FILE = "STOPPED"  # written by rank 0 when training stops itself (non-finite loss)
 STOP_REQUEST = "STOP_REQUESTED"  # written by a sweep trial Tune stops: the loop ends at its next step
+PLACEMENT_GROUPS = ".placement_groups"  # Ray Train worker groups of this run, one placement-group id (hex) per line
 
 
 def image_grid(images_per_prompt: list[torch.Tensor], min_cell: int = 128) -> np.ndarray:

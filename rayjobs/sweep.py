@@ -25,10 +25,12 @@ import ray
 from ray import tune
 from ray.tune.integration.ray_train import TuneReportCallback
 
-from rayjobs.config import Config, ParamSpec, load_config, set_dotted, to_yaml, validate
+from rayjobs.config import Config, load_config, set_dotted, to_yaml, validate
+from rayjobs.config_sweep import ParamSpec
 from rayjobs.errors import TrainingStopped, UserError
 from rayjobs.pareto import TRIALS, build_outputs, diversity_key, get_dotted
 from rayjobs.runlog import STOP_REQUEST, Watcher, new_records, read_metrics, read_status, write_status
+from rayjobs.sweep_resources import ReleaseTrainResources
 from rayjobs.train import connect, preflight, prepare_run_dir, run_trainer
 
 TUNE = "tune"
@@ -202,7 +204,10 @@ def _trainable(cfg: Config, out: Path):
         _trial, base=cfg.model_dump(mode="json"), trials_dir=str(out / TRIALS), report_metric=cfg.sweep.reward_metric,
         keep_all=cfg.sweep.checkpoint_evals,
     )  # fmt: skip
-    return tune.with_resources(fn, {"cpu": 0.01})  # the trial driver; {"cpu": 0} is refused
+    # The trial driver itself takes no CPU: a fractional CPU per driver (0.01) left 1.98 of 2 CPUs for two
+    # concurrent 1-CPU trials, so one waited, and a lingering stopped driver could starve the sweep.
+    # Tune refuses an all-zero request, so the driver reserves 1 byte of memory instead.
+    return tune.with_resources(fn, {"cpu": 0, "memory": 1})
 
 
 def sweep_dir_for(cfg: Config) -> Path:
@@ -258,6 +263,7 @@ def _run_config(cfg: Config, out: Path, verbose: bool) -> tune.RunConfig:
     return tune.RunConfig(
         name=TUNE, storage_path=str(out), verbose=1 if verbose else 0,
         failure_config=tune.FailureConfig(max_failures=cfg.sweep.max_failures),
+        callbacks=[ReleaseTrainResources(out / TRIALS)],
     )  # fmt: skip
 
 

@@ -18,9 +18,10 @@ import ray
 import ray.train
 from ray.train.torch import TorchConfig, TorchTrainer
 
-from rayjobs.config import Config, DiversityConfig, to_yaml
+from rayjobs.config import Config, to_yaml
+from rayjobs.config_reward import DiversityConfig
 from rayjobs.errors import TrainingStopped, UserError
-from rayjobs.runlog import METRICS_FILE, STOP_FILE, STOP_REQUEST, Watcher, new_records, read_metrics
+from rayjobs.runlog import METRICS_FILE, PLACEMENT_GROUPS, STOP_FILE, STOP_REQUEST, Watcher, new_records, read_metrics
 
 # torch, diffusers and the rewards are imported where used: a sweep's trial actors and Train's
 # controller import this module too and need none of them (each import costs seconds per trial).
@@ -56,20 +57,37 @@ def _worker_entry(config: dict) -> None:
     from rayjobs.loop import train_loop
 
     cfg = Config.model_validate(config["cfg"])
-    train_loop(cfg, Path(config["run_dir"]), RayContext())
+    ctx = RayContext()
+    if ctx.rank == 0:
+        record_placement_group(Path(config["run_dir"]))
+    train_loop(cfg, Path(config["run_dir"]), ctx)
+
+
+def record_placement_group(run_dir: Path) -> None:
+    """Note this worker group's placement group in the run directory. A sweep frees it when Tune ends the
+    trial (rayjobs/sweep.py: ReleaseTrainResources): a placement group lives as long as the job that made
+    it, not the Train controller (ray-project/ray#54305), and a stopped trial's must not wait for Train's
+    own cleaner, which polls the state API."""
+    pg = ray.util.get_current_placement_group()
+    if pg is not None:
+        with open(run_dir / PLACEMENT_GROUPS, "a", encoding="utf-8") as f:
+            f.write(pg.id.hex() + "\n")
 
 
 def preflight(cfg: Config) -> Config:
     """Every check that needs no cluster: bad input fails here, before anything is written.
 
-    Returns the config to run: the same, except that a diversity metric whose weights are absent is
-    replaced by its fallback (printed, and recorded in the run's config.yaml).
+    Returns the config to run: the same, except that relative data paths are made absolute (Ray workers
+    run in another directory) and a diversity metric whose weights are absent is replaced by its
+    fallback (printed, and recorded in the run's config.yaml).
     """
+    cfg = absolute_paths(cfg)
     import rewards
     from models.components import ModelNotFoundError, check_model_source
-    from rayjobs.loop import load_prompts
+    from rayjobs.batches import check_data, load_prompts
 
     load_prompts(cfg)
+    check_data(cfg)
     try:
         check_model_source(cfg.model.name_or_path)
     except ModelNotFoundError as err:
@@ -83,6 +101,24 @@ def preflight(cfg: Config) -> Config:
         except (rewards.UnknownNameError, ValueError) as err:
             raise UserError(f"{where}: {err}") from None
     return _checked_diversity(cfg)
+
+
+DATA_PATHS = ("source", "class_dir", "prompts_file", "instruction_templates")
+
+
+def absolute_paths(cfg: Config) -> Config:
+    """The config with data.{source, class_dir, prompts_file, instruction_templates}, run.output_dir and a
+    local model.name_or_path resolved against this process's working directory."""
+    cfg = cfg.model_copy(deep=True)
+    for key in DATA_PATHS:
+        value = getattr(cfg.data, key)
+        if value is not None:
+            setattr(cfg.data, key, str(Path(value).expanduser().resolve()))
+    cfg.run.output_dir = str(Path(cfg.run.output_dir).expanduser().resolve())
+    model = Path(cfg.model.name_or_path).expanduser()
+    if model.exists():
+        cfg.model.name_or_path = str(model.resolve())
+    return cfg
 
 
 def _checked_diversity(cfg: Config) -> Config:

@@ -64,7 +64,7 @@ def test_bad_config_files(tmp_path, capsys):
     assert nested.read_text() == "train:\n  stepz: 3\n"  # input untouched
 
 
-@pytest.mark.parametrize("content, words", [("\n  \n", "no prompts"), (None, "cannot read")])
+@pytest.mark.parametrize("content, words", [("\n  \n", "no prompts"), (None, "not found")])
 def test_bad_prompts_file(tmp_path, capsys, content, words):
     prompts = tmp_path / "prompts.txt"
     if content is not None:

@@ -64,7 +64,7 @@ def test_full_export_loads_with_from_pretrained(tiny, tmp_path):
     policy = Policy(tiny, trainable="full")
     randomize(policy.parameters(), scale=0.01)
     path = export(policy, tmp_path)
-    assert path == tmp_path / "unet"
+    assert path == tmp_path  # a whole pipeline directory (models/export.export_full)
     loaded = UNet2DConditionModel.from_pretrained(str(tmp_path / "unet"))
     a, b = policy.unet.state_dict(), loaded.state_dict()
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

@@ -6,6 +6,7 @@ import torch
 from models.objective import (
     Objective,
     Weights,
+    DenoiseSettings,
     denoise_loss,
     denoise_term,
     kl_term,
@@ -13,6 +14,7 @@ from models.objective import (
     reward_term,
     snr,
 )
+from models.components import build_tiny
 from models.policy import Policy
 from models.sampler import SamplerSettings, sample
 from rewards import build_reward
@@ -133,7 +135,7 @@ def test_denoise_only_objective_equals_denoise_loss(tiny):
     policy = Policy(tiny)
     latents = torch.randn(2, 4, 16, 16, generator=torch.Generator().manual_seed(1))  # [B, C, h, w]
     objective = Objective(Weights(reward=0.0, denoise=1.0), SETTINGS, reward=None)
-    batch = {"latents": latents, "prompts": PROMPTS, "generator": torch.Generator().manual_seed(3)}
+    batch = {"latents": latents, "captions": PROMPTS, "generator": torch.Generator().manual_seed(3)}
     loss, metrics = objective(policy, batch)
     with torch.no_grad():
         ref = denoise_loss(policy, latents, PROMPTS, torch.Generator().manual_seed(3))
@@ -146,7 +148,7 @@ def test_denoise_loss_min_snr_weight_is_applied(tiny):
     latents = torch.randn(2, 4, 16, 16, generator=torch.Generator().manual_seed(1))  # [B, C, h, w]
     with torch.no_grad():
         plain = denoise_loss(policy, latents, PROMPTS, torch.Generator().manual_seed(5))
-        weighted = denoise_loss(policy, latents, PROMPTS, torch.Generator().manual_seed(5), min_snr_gamma=5.0)
+        weighted = denoise_loss(policy, latents, PROMPTS, torch.Generator().manual_seed(5), DenoiseSettings(min_snr_gamma=5.0))
     g = torch.Generator().manual_seed(5)  # replay the draws: noise first, then t
     torch.randn(latents.shape, generator=g)
     t = torch.randint(0, 1000, (2,), generator=g)
@@ -168,3 +170,17 @@ def test_denoise_loss_backprops_into_lora_only(tiny):
             assert p.grad is None, name
     for module in (tiny.vae, tiny.text_encoder):
         assert all(p.grad is None for p in module.parameters())
+
+
+def test_denoise_loss_gradient_checkpointing_equals_plain(tiny):
+    """trainable.gradient_checkpointing recomputes the UNet in backward: same loss, same gradients."""
+    latents = torch.randn(2, 4, 16, 16, generator=torch.Generator().manual_seed(1))  # [B, C, h, w]
+    grads = []
+    for ckpt in (False, True):
+        policy = Policy(build_tiny(), gradient_checkpointing=ckpt)
+        randomize_lora(policy)
+        loss = denoise_loss(policy, latents, PROMPTS, torch.Generator().manual_seed(2))
+        loss.mean().backward()
+        grads.append((loss.detach(), [p.grad.clone() for p in policy.parameters()]))
+    assert torch.allclose(grads[0][0], grads[1][0], rtol=1e-6)
+    assert all(torch.allclose(a, b, rtol=1e-5, atol=1e-7) for a, b in zip(grads[0][1], grads[1][1]))

@@ -61,6 +61,21 @@ def test_two_workers_ddp(cluster, tmp_path):
     assert (run / "config.yaml").read_text().count("num_workers: 2") == 1
 
 
+def test_dreambooth_on_two_workers_draws_class_images_once(cluster, tmp_path):
+    """A supervised preset through Ray Train: 2 ranks split the missing class images, then train
+    denoise + prior (the same loop as DRaFT+)."""
+    from toydata import write_toy_images
+
+    instance, classes = tmp_path / "instance", tmp_path / "classes"
+    write_toy_images(instance, 2, captions=False)
+    run = _fit(tmp_path, "db", "ray.num_workers=2", "train.steps=2", "objective.preset=dreambooth", f"data.source={instance}",
+               "data.fixed_caption=a sks star", f"data.class_dir={classes}", "data.class_prompt=a star", "data.num_class_images=3")  # fmt: skip
+    assert sorted(p.name for p in classes.iterdir()) == ["class_00000.png", "class_00001.png", "class_00002.png"]
+    steps = [m for m in read_metrics(run) if "loss" in m]
+    assert [m["step"] for m in steps] == [1, 2] and all("prior" in m and "denoise" in m for m in steps)
+    assert (run / "export" / "pytorch_lora_weights.safetensors").is_file()
+
+
 def test_resume_after_killed_worker_and_after_restart(cluster, tmp_path):
     marker = tmp_path / "crashed"
     reward = ["reward.name=faults:CrashOnce", f"reward.kwargs={{at_call: 4, marker: '{marker}'}}"]
@@ -168,13 +183,38 @@ def test_failed_trial_is_retried_then_recorded(cluster, tmp_path):
     assert (out / "pareto.png").exists() and "faults:NaNFrom" not in (out / "pareto.csv").read_text()
 
 
-@pytest.mark.slow  # deadlocked in 1 of 4 runs on 2 cores (a stopped trial's resources not freed); see docs/sweeps.md
-@pytest.mark.timeout(600)
-def test_optuna_with_asha_finishes_and_releases_resources(cluster, tmp_path):
-    """Optuna's multi-objective search with ASHA early stopping: stopped trials give their CPUs back, so
-    the sweep finishes (Ray's cleanup of stopped Train runs needs the dashboard, which the cluster has)."""
+def _wait_for_all_cpus(seconds: float = 15.0) -> None:
+    import time
+
     import ray
 
+    deadline = time.time() + seconds
+    while ray.available_resources().get("CPU") != ray.cluster_resources()["CPU"] and time.time() < deadline:
+        time.sleep(0.2)
+    assert ray.available_resources().get("CPU") == ray.cluster_resources()["CPU"]
+
+
+def test_release_removes_a_runs_recorded_placement_groups(cluster, tmp_path):
+    """What a sweep does when Tune ends a trial: the run's recorded worker groups give their CPUs back."""
+    import ray
+    from ray.util.placement_group import placement_group
+
+    from rayjobs.runlog import PLACEMENT_GROUPS
+    from rayjobs.sweep_resources import release_placement_groups
+
+    pg = placement_group([{"CPU": 1}])
+    ray.get(pg.ready(), timeout=30)
+    assert ray.available_resources().get("CPU", 0) <= ray.cluster_resources()["CPU"] - 1
+    (tmp_path / PLACEMENT_GROUPS).write_text(pg.id.hex() + "\n")
+    assert release_placement_groups(tmp_path) == 1
+    assert release_placement_groups(tmp_path) == 0  # already removed: nothing to do
+    _wait_for_all_cpus()
+
+
+@pytest.mark.timeout(600)
+def test_optuna_with_asha_finishes_and_releases_resources(cluster, tmp_path):
+    """Optuna's multi-objective search with ASHA early stopping, two trials at once on 2 CPUs: stopped
+    trials give their CPUs back (rayjobs/sweep_resources.py), so the sweep finishes."""
     from rayjobs.pareto import read_csv
     from rayjobs.sweep import run_sweep
 
@@ -188,7 +228,7 @@ def test_optuna_with_asha_finishes_and_releases_resources(cluster, tmp_path):
     assert len({r["config.objective.kl_coeff"] for r in rows}) == 4  # four draws
     stopped = [r for r in rows if status[r["trial"]] == "stopped"]
     assert max(r["step"] for r in stopped) < cfg.train.steps
-    assert ray.available_resources().get("CPU") == ray.cluster_resources()["CPU"]  # nothing left reserved
+    _wait_for_all_cpus()  # nothing left reserved (placement groups are removed asynchronously)
 
 
 def test_resume_after_killing_the_driver(cluster, tmp_path):

@@ -5,7 +5,8 @@ from pathlib import Path
 import pytest
 from ray import tune
 
-from rayjobs.config import ParamSpec, load_config
+from rayjobs.config import load_config
+from rayjobs.config_sweep import ParamSpec
 from rayjobs.errors import UserError
 from rayjobs.sweep import check_resources, check_sweep, trial_config, tune_space
 

@@ -1,0 +1,186 @@
+"""What one micro-batch holds, built from the data the objective's non-zero terms need.
+
+``Batches(cfg, policy, rank)(step, micro)`` returns the dict ``models.objective.Objective`` reads:
+
+    reward / kl > 0   prompts [B]                         drawn uniformly from the prompt list
+    denoise > 0       latents [B,4,h,w], captions [B]     items of data.source drawn uniformly
+                      cond_latents [B,4,h,w]              with data.conditioning_column (InstructPix2Pix)
+    prior > 0         class_latents, class_prompts        items of data.class_dir drawn uniformly
+    always            generator                            the noise of this (seed, rank, step, micro)
+
+B = train.batch_size. Every draw is seeded by (train.seed, rank, step, micro): a resumed run draws
+exactly what it would have. The preset is never read here, only the weights.
+"""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+
+import numpy as np
+import torch
+import yaml
+
+from models.ip2p import image_latents
+from models.objective import encode_pixels
+from models.policy import Policy
+from rayjobs.config import Config
+from rayjobs.data import check_records, find_images, load_records
+from rayjobs.errors import UserError
+from rayjobs.image_dataset import ImageTextDataset, ImageTransform
+from rayjobs.latent_cache import LatentCache
+from rayjobs.prompt_data import load_prompts_source
+
+
+def mix_seed(*parts: int) -> int:
+    """A well-mixed 63-bit seed from (base seed, rank, step, micro-batch, ...)."""
+    return int(np.random.SeedSequence([p & 0xFFFFFFFF for p in parts]).generate_state(2, np.uint64)[0] >> 1)
+
+
+def load_prompts(cfg: Config) -> list[str]:
+    """Training prompts from data.prompts_file (text, JSONL or webdataset tar) or data.prompts."""
+    if cfg.data.prompts_file is None:
+        return list(cfg.data.prompts)
+    return load_prompts_source(cfg.data.prompts_file, cfg.data.prompts_key)
+
+
+def image_columns(cfg: Config) -> list[str]:
+    """The target image column, then the conditioning image's (InstructPix2Pix) if any."""
+    return [cfg.data.image_column] + ([cfg.data.conditioning_column] if cfg.data.conditioning_column else [])
+
+
+def transform(cfg: Config) -> ImageTransform:
+    side = cfg.data.resolution or cfg.sampler.height
+    return ImageTransform(resolution=side, center_crop=cfg.data.center_crop, random_flip=cfg.data.random_flip)
+
+
+def source_dataset(cfg: Config) -> ImageTextDataset:
+    """data.source, checked (one line naming the first bad file, or skipped with data.skip_bad)."""
+    d = cfg.data
+    records = load_records(d.source, image_columns(cfg), d.text_column, d.fixed_caption)
+    good, _ = check_records(records, d.skip_bad)
+    return ImageTextDataset(good, transform(cfg), image_columns(cfg), d.skip_bad)
+
+
+def class_dataset(cfg: Config) -> ImageTextDataset:
+    """data.class_dir's images, each captioned data.class_prompt (the prior term), at most num_class_images."""
+    d = cfg.data
+    records = load_records(d.class_dir, ["image"], "text", d.class_prompt, where="data.class_dir")
+    good, _ = check_records(records, d.skip_bad, where="data.class_dir")
+    return ImageTextDataset(good[: d.num_class_images], transform(cfg), ["image"], d.skip_bad, where="data.class_dir")
+
+
+def check_data(cfg: Config) -> None:
+    """Preflight: every image of the sources the weights use decodes and has a caption (UserError
+    naming the first bad file otherwise); class_dir may be missing or short (it gets generated)."""
+    _, _, denoise, prior, _ = cfg.objective.weights
+    if denoise:
+        source_dataset(cfg)
+    if prior and _has_images(cfg.data.class_dir):
+        class_dataset(cfg)
+    load_templates(cfg.data.instruction_templates)
+
+
+def _has_images(folder: str | None) -> bool:
+    return folder is not None and Path(folder).is_dir() and bool(find_images(Path(folder)))
+
+
+def load_templates(path: str | None) -> dict[str, list[str]]:
+    """data.instruction_templates: {instruction: [synonymous instructions]} from YAML/JSON."""
+    if path is None:
+        return {}
+    try:
+        data = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, yaml.YAMLError) as err:
+        raise UserError(f"data.instruction_templates {path}: cannot read ({getattr(err, 'strerror', None) or err})") from None
+    if not isinstance(data, dict) or not all(isinstance(v, list) and all(isinstance(x, str) for x in v) for v in data.values()):
+        raise UserError(f"data.instruction_templates {path}: expected a mapping of instruction -> list of synonymous instructions")
+    return {str(k): list(v) for k, v in data.items()}
+
+
+class Batches:
+    """The micro-batches of one rank (see the module docstring)."""
+
+    def __init__(self, cfg: Config, policy: Policy, rank: int):
+        self.cfg, self.policy, self.rank = cfg, policy, rank
+        reward, kl, denoise, prior, _ = cfg.objective.weights
+        self.prompts = load_prompts(cfg) if (reward or kl) else None
+        self.source = source_dataset(cfg) if denoise else None
+        # The class folder may be empty until Worker.make_class_images has drawn its images (then rebuilt).
+        self.classes = class_dataset(cfg) if prior and _has_images(cfg.data.class_dir) else None
+        self.needs_classes = bool(prior)
+        self.templates = load_templates(cfg.data.instruction_templates)
+        self.cache = LatentCache(Path(cfg.run.output_dir) / ".cache" / "latents") if cfg.data.cache_latents else None
+        self.model_id = f"{cfg.model.name_or_path}@{cfg.model.revision}"
+
+    @property
+    def skipped(self) -> int:
+        """Items skipped as bad at training time (data.skip_bad), over both datasets."""
+        return sum(ds.skipped for ds in (self.source, self.classes) if ds is not None)
+
+    def __call__(self, step: int, micro: int) -> dict:
+        seed = mix_seed(self.cfg.train.seed, self.rank, step, micro)
+        rng, generator = random.Random(seed), torch.Generator().manual_seed(seed)
+        size = self.cfg.train.batch_size
+        batch: dict = {"generator": generator}
+        if self.prompts is not None:
+            batch["prompts"] = rng.choices(self.prompts, k=size)
+        if self.source is not None:
+            idx = rng.choices(range(len(self.source)), k=size)
+            latents, texts, cond = self._latents(self.source, idx, rng, generator)
+            batch.update(latents=latents, captions=[self._instruction(t, rng) for t in texts])
+            if cond is not None:
+                batch["cond_latents"] = cond
+        if self.needs_classes:
+            if self.classes is None:
+                raise UserError(f"data.class_dir {self.cfg.data.class_dir}: no class images (they are drawn before training starts)")
+            idx = rng.choices(range(len(self.classes)), k=size)
+            batch["class_latents"], batch["class_prompts"], _ = self._latents(self.classes, idx, rng, generator)
+        return batch
+
+    def _instruction(self, text: str, rng: random.Random) -> str:
+        """An instruction's synonym drawn per sample (instruction-tuned-sd); other captions as they are."""
+        options = self.templates.get(text)
+        return rng.choice([text, *options]) if options else text
+
+    def _latents(self, dataset: ImageTextDataset, idx: list[int], rng: random.Random, generator):
+        """(target latents [B,4,h,w] scaled, texts [B], conditioning latents [B,4,h,w] unscaled or None)."""
+        device = self.policy.components.vae.device
+        dtype = self.policy.components.vae.dtype
+        if self.cache is not None:
+            return self._cached(dataset, idx, generator, device, dtype)
+        items = dataset.batch(idx, rng)
+        columns = dataset.image_columns
+        latents = encode_pixels(self.policy, items["pixels"][columns[0]].to(device, dtype), generator)
+        cond = None
+        if len(columns) > 1:
+            with torch.no_grad():
+                cond = image_latents(self.policy.components.vae, items["pixels"][columns[1]].to(device, dtype))
+        return latents, items["texts"], cond
+
+    def _cached(self, dataset: ImageTextDataset, idx: list[int], generator, device, dtype):
+        """As _latents, from the VAE posteriors kept on disk: mean and log-variance [8,h,w] per image,
+        so every step still draws a fresh latent sample (the cache holds the distribution, not a draw)."""
+        vae = self.policy.components.vae
+        columns = dataset.image_columns
+        params = {c: [] for c in columns}
+        for i in idx:
+            record = dataset.records[i]
+            for c in columns:
+                key = LatentCache.image_key(record.images[c].read_bytes(), dataset.transform, self.model_id)
+                params[c].append(self.cache.get_or_compute(key, lambda i=i, c=c: self._posterior(dataset, i, c)))
+        target = torch.stack(params[columns[0]]).to(device, dtype)  # [B, 8, h, w]: mean, logvar
+        mean, logvar = target.chunk(2, dim=1)  # 2 x [B, 4, h, w]
+        noise = torch.randn(mean.shape, generator=generator, dtype=mean.dtype).to(device)
+        latents = (mean + torch.exp(0.5 * logvar.clamp(-30, 20)) * noise) * vae.config.scaling_factor
+        cond = torch.stack(params[columns[1]]).to(device, dtype).chunk(2, dim=1)[0] if len(columns) > 1 else None  # mode = mean
+        return latents, [dataset.records[i].text for i in idx], cond
+
+    def _posterior(self, dataset: ImageTextDataset, i: int, column: str) -> torch.Tensor:
+        vae = self.policy.components.vae
+        item = dataset.get(i, random.Random(0))  # deterministic transform (cacheable): the rng is unused
+        if item is None:
+            raise UserError(f"data.source {dataset.records[i].name}: cannot decode image; fix or remove it, or set data.skip_bad: true")
+        pixels = item["pixels"][column][None].to(vae.device, vae.dtype)  # [1, 3, H, W]
+        with torch.no_grad():
+            return vae.encode(pixels, return_dict=False)[0].parameters[0].float().cpu()  # [8, h, w]

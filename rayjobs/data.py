@@ -1,0 +1,248 @@
+"""Image-text records for the supervised methods (fine-tune, DreamBooth, TI, InstructPix2Pix).
+
+``load_records`` finds the items of a data source and ``check_records`` decodes every image once
+before training, so a bad file stops the run at start-up with one line naming it (or is skipped
+with ``skip_bad``). Nothing in the source is ever written. Layouts (docs/data.md):
+
+  captioned folder   images (png/jpg/jpeg/webp/bmp, recursive) with ``cat.txt`` beside ``cat.png``
+  imagefolder        a folder with ``metadata.jsonl`` (``file_name`` or one column per image)
+  parquet            a ``.parquet`` file or a folder of them (path, bytes or {"bytes","path"} cells)
+  save_to_disk       a Hugging Face ``Dataset.save_to_disk`` folder (``state.json`` + ``*.arrow``)
+  image folder       images only, when ``fixed_caption`` gives the one prompt for all (DreamBooth)
+
+Table layouts are read by rayjobs/data_tables.py; decoding is shared with the training-time
+dataset (rayjobs/image_dataset.py).
+"""
+
+from __future__ import annotations
+
+import io
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from PIL import Image, ImageFile
+
+from rayjobs.errors import UserError
+
+IMAGE_EXTENSIONS = frozenset({".png", ".jpg", ".jpeg", ".webp", ".bmp"})
+LAYOUTS = (
+    "images with a .txt caption beside each, a metadata.jsonl, .parquet files, "
+    "a save_to_disk folder (state.json + .arrow), or images only with data.fixed_caption"
+)
+DECODE_ERRORS = (OSError, SyntaxError, ValueError, EOFError, Image.DecompressionBombError)
+
+
+@dataclass(frozen=True)
+class ImageRef:
+    """One image of a record: a file (``path``) or encoded bytes held in memory (``data``).
+
+    ``name`` is what error messages show: the file path, or ``table#row column`` for bytes.
+    Both ``path`` and ``data`` are None when the source has no image there (a null cell).
+    """
+
+    name: str
+    path: Path | None = None
+    data: bytes | None = field(default=None, repr=False)
+
+    def read_bytes(self) -> bytes:
+        """The encoded image (file contents or the embedded bytes). Raises BadItem."""
+        if self.data is not None:
+            return self.data
+        if self.path is None:
+            raise BadItem(self.name, "no image (empty cell)", "fill it in or drop the row")
+        try:
+            return self.path.read_bytes()
+        except FileNotFoundError:
+            raise BadItem(self.name, "image file not found", "fix the path or remove the item") from None
+        except OSError as err:
+            raise BadItem(self.name, f"cannot read image file ({err.strerror or err})", "fix its permissions") from None
+
+
+@dataclass(frozen=True)
+class Record:
+    """One training item: images by column, the caption, and a stable ``key``.
+
+    ``key`` is the image path relative to the source (captioned folders) or ``file#row`` (tables:
+    0-based row of a parquet/arrow file, 1-based line of metadata.jsonl). ``text`` is None when the
+    caption is missing; ``problem`` then says why (found while loading, reported by check_records).
+    """
+
+    key: str
+    images: dict[str, ImageRef]
+    text: str | None
+    problem: str | None = None
+    name: str = ""  # what errors about the record as a whole (its caption) show; defaults to key
+
+
+class BadItem(Exception):
+    """One unusable item: ``name`` (file or table row), ``reason`` (what is wrong), ``fix`` (what to do)."""
+
+    def __init__(self, name: str, reason: str, fix: str):
+        super().__init__(f"{name}: {reason}")
+        self.name, self.reason, self.fix = name, reason, fix
+
+    def user_error(self, where: str) -> UserError:
+        """The one-line UserError: ``data.source NAME: REASON; FIX, or set data.skip_bad: true``."""
+        return UserError(one_line(f"{where} {self.name}: {self.reason}; {self.fix}, or set data.skip_bad: true"))
+
+
+def one_line(text: str) -> str:
+    """Collapses newlines and runs of spaces so an error prints as one line."""
+    return " ".join(str(text).split())
+
+
+def decode(ref: ImageRef, verify: bool = False) -> Image.Image:
+    """Opens and fully decodes one image (``load()``), so truncated files fail here, not later.
+
+    ``verify`` also runs PIL's structural check first (PNG chunk CRCs, missing end chunk).
+    Truncated images are always errors: PIL's global LOAD_TRUNCATED_IMAGES is forced off meanwhile.
+    Raises BadItem naming the image.
+    """
+    data = ref.read_bytes()
+    if not data:
+        raise BadItem(ref.name, "empty image file", "fix or remove it")
+    saved, ImageFile.LOAD_TRUNCATED_IMAGES = ImageFile.LOAD_TRUNCATED_IMAGES, False
+    try:
+        if verify:
+            with Image.open(io.BytesIO(data)) as probe:
+                probe.verify()
+        image = Image.open(io.BytesIO(data))
+        image.load()
+        return image
+    except DECODE_ERRORS:
+        raise BadItem(ref.name, "cannot decode image (truncated or not an image)", "fix or remove it") from None
+    finally:
+        ImageFile.LOAD_TRUNCATED_IMAGES = saved
+
+
+def load_records(
+    source: str | Path,
+    image_columns: list[str] | tuple[str, ...] = ("image",),
+    text_column: str = "text",
+    fixed_caption: str | None = None,
+    where: str = "data.source",
+) -> list[Record]:
+    """Every item of ``source`` (layout auto-detected, see the module doc), in a deterministic order.
+
+    ``image_columns`` names the images of one item (InstructPix2Pix: input_image, edited_image);
+    ``text_column`` the caption column of table layouts. ``fixed_caption``, when given, is the
+    caption of every item and no caption is read. ``where`` is the config key errors start with.
+    Structural problems (no such path, unknown layout, missing column) raise UserError; per-item
+    problems are left for check_records.
+    """
+    from rayjobs import data_tables
+
+    image_columns = list(image_columns)
+    if not image_columns:
+        raise UserError(f"{where}: no image column given (set data.image_column)")
+    root = Path(source)
+    if not root.exists():
+        raise UserError(f"{where} {root}: not found (give a folder, a .parquet file or a save_to_disk folder)")
+    if root.is_file():
+        if root.suffix.lower() == ".parquet":
+            return data_tables.parquet_records([root], root.parent, image_columns, text_column, fixed_caption, where)
+        if root.name == "metadata.jsonl":
+            return data_tables.jsonl_records(root.parent, image_columns, text_column, fixed_caption, where)
+        raise UserError(f"{where} {root}: not a data source (expected {LAYOUTS})")
+    return _folder_records(root, image_columns, text_column, fixed_caption, where)
+
+
+def _folder_records(root: Path, image_columns, text_column, fixed_caption, where) -> list[Record]:
+    """Picks the layout of a folder: save_to_disk, metadata.jsonl, parquet, then plain images."""
+    from rayjobs import data_tables
+
+    args = (image_columns, text_column, fixed_caption, where)
+    if (root / "dataset_dict.json").is_file():
+        return _folder_records(data_tables.pick_split(root, where), *args)
+    if (root / "state.json").is_file() or (root / "dataset_info.json").is_file():
+        return data_tables.arrow_records(root, *args)
+    if (root / "metadata.jsonl").is_file():
+        return data_tables.jsonl_records(root, *args)
+    parquets = sorted(p for p in root.rglob("*.parquet") if p.is_file() and not _hidden(p, root))
+    if parquets:
+        return data_tables.parquet_records(parquets, root, *args)
+    return _image_folder_records(root, image_columns, fixed_caption, where)
+
+
+def _hidden(path: Path, root: Path) -> bool:
+    return any(part.startswith(".") for part in path.relative_to(root).parts)
+
+
+def find_images(root: Path) -> list[Path]:
+    """Image files under ``root`` (recursive, extension case-insensitive, hidden entries skipped), sorted."""
+    found = [p for p in root.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file()]
+    return sorted((p for p in found if not _hidden(p, root)), key=lambda p: p.relative_to(root).as_posix())
+
+
+def _image_folder_records(root: Path, image_columns, fixed_caption, where) -> list[Record]:
+    """Captioned folder (``cat.txt`` beside ``cat.png``), or images only with ``fixed_caption``."""
+    if len(image_columns) != 1:
+        raise UserError(
+            f"{where} {root}: a folder of images holds one image per item, but {len(image_columns)} image "
+            "columns are set; use a metadata.jsonl or parquet with one column per image"
+        )
+    images = find_images(root)
+    if not images:
+        raise UserError(f"{where} {root}: no images found (expected {LAYOUTS})")
+    if fixed_caption is None and not any(p.with_suffix(".txt").is_file() for p in images):
+        raise UserError(
+            f"{where} {root}: images but no captions (expected a .txt beside each image or a "
+            "metadata.jsonl); set data.fixed_caption to use one prompt for every image"
+        )
+    column = image_columns[0]
+    return [_captioned(root, path, column, fixed_caption) for path in images]
+
+
+def _captioned(root: Path, path: Path, column: str, fixed_caption: str | None) -> Record:
+    key = path.relative_to(root).as_posix()
+    images = {column: ImageRef(name=str(path), path=path)}
+    if fixed_caption is not None:
+        return Record(key, images, fixed_caption, name=str(path))
+    caption = path.with_suffix(".txt")
+    try:
+        text = caption.read_text(encoding="utf-8-sig").strip()
+    except FileNotFoundError:
+        return Record(key, images, None, f"no caption file {caption.name} beside it", name=str(path))
+    except UnicodeDecodeError:
+        return Record(key, images, None, f"caption file {caption.name} is not UTF-8 text", name=str(path))
+    except OSError as err:
+        return Record(key, images, None, f"cannot read caption file {caption.name} ({err.strerror})", name=str(path))
+    return Record(key, images, text, name=str(caption))
+
+
+def check_record(record: Record) -> None:
+    """Raises BadItem for a missing/empty caption or an image that does not fully decode."""
+    name = record.name or record.key
+    if record.problem is not None:
+        raise BadItem(name, record.problem, "fix it or remove the item")
+    if record.text is None or not record.text.strip():
+        raise BadItem(name, "empty caption", "write a caption")
+    for ref in record.images.values():
+        decode(ref, verify=True).close()
+
+
+def check_records(
+    records: list[Record], skip_bad: bool = False, where: str = "data.source"
+) -> tuple[list[Record], list[tuple[str, str]]]:
+    """Decodes every image and checks every caption once, before training.
+
+    Returns (good records in their order, skipped as (name, reason)). Without ``skip_bad`` the first
+    bad item raises a one-line UserError naming it; an empty list, or nothing left after skipping,
+    is always an error.
+    """
+    if not records:
+        raise UserError(f"{where}: no items to train on (expected {LAYOUTS})")
+    good, skipped = [], []
+    for record in records:
+        try:
+            check_record(record)
+        except BadItem as bad:
+            if not skip_bad:
+                raise bad.user_error(where) from None
+            skipped.append((bad.name, bad.reason))
+            continue
+        good.append(record)
+    if not good:
+        name, reason = skipped[0]
+        raise UserError(one_line(f"{where}: all {len(records)} items are bad (first: {name}: {reason})"))
+    return good, skipped

@@ -1,0 +1,37 @@
+"""The model a run trains: components loaded, then changed as the trainable section says.
+
+Before the Policy wraps them: the UNet input grows to 8 channels for InstructPix2Pix
+(models/ip2p.expand_unet_inputs, a no-op on an InstructPix2Pix base), and textual-inversion
+placeholders join the tokenizer and the text encoder (models/textual_inversion.add_placeholder).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from models.components import Components, load_components
+from models.ip2p import expand_unet_inputs
+from models.textual_inversion import add_placeholder
+from rayjobs.config import Config
+from rayjobs.errors import UserError
+
+
+def prepare_components(cfg: Config) -> tuple[Components, dict[str, int]]:
+    """(components, {placeholder: number of vectors}); the same on every rank (seeded by train.seed)."""
+    comps = load_components(cfg.model.name_or_path, cfg.model.revision)
+    t = cfg.trainable
+    if t.unet_in_channels != comps.unet.config.in_channels:
+        try:
+            expand_unet_inputs(comps.unet, t.unet_in_channels)
+        except ValueError as err:
+            raise UserError(f"trainable.unet_in_channels: {err}") from None
+        comps.unet.requires_grad_(False)  # the new conv_in is trainable only if the trainable set says so
+    generator = torch.Generator().manual_seed(cfg.train.seed)
+    tokens = {}
+    for i, spec in enumerate(t.tokens):
+        try:
+            add_placeholder(comps.tokenizer, comps.text_encoder, spec.token, spec.num_vectors, spec.init_token, generator)
+        except ValueError as err:
+            raise UserError(f"trainable.tokens.{i}: {err}") from None
+        tokens[spec.token] = spec.num_vectors
+    return comps, tokens

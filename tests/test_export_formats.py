@@ -1,0 +1,229 @@
+"""Export formats: kohya/A1111 LoRA, text-encoder LoRA, full pipeline directory; each loads back in plain diffusers."""
+
+import json
+import warnings
+
+import pytest
+import torch
+from diffusers import StableDiffusionPipeline
+from peft import LoraConfig
+from peft.utils import get_peft_model_state_dict
+from safetensors import safe_open
+from safetensors.torch import load_file
+
+from models.components import build_tiny
+from models.export import EXPORT_INFO, LORA_FILE, export, export_full, export_lora
+from models.kohya import KOHYA_FILE, KohyaUnsupportedError, to_kohya
+from models.policy import DEFAULT_LORA_TARGETS, Policy
+from models.textual_inversion import TI_FILE, add_placeholder, trainable_rows
+from rayjobs.config import TrainableConfig
+
+FULL_TARGETS = tuple(TrainableConfig().lora_targets)  # attention, ff, proj_in/out, resnet convs, conv_out
+# every other LoRA-able SD 1.x UNet kind: resnet shortcut/time projection, conv_in, down/upsampler convs, ...
+OTHER_TARGETS = ("conv_in", "time_emb_proj", "conv_shortcut", "conv", "ff.net.0.proj", "linear_1", "linear_2")
+PROMPT = "a photo of <cat> on a mat"
+
+
+def randomize(params, seed=0, scale=0.1):
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in params:
+            p.add_(torch.randn(p.shape, generator=g) * scale)
+
+
+def sample(pipe, prompt="a red cube", output_type="pt"):
+    """2-step DDIM sample of the tiny pipeline, fixed seed: images [1, 3, 32, 32] in [0, 1] (or latents)."""
+    with torch.no_grad():
+        return pipe(prompt, num_inference_steps=2, guidance_scale=3.0, height=32, width=32,
+                    generator=torch.Generator().manual_seed(0), output_type=output_type).images
+
+
+def lora_policy(targets, text_encoder_lora=False):
+    policy = Policy(build_tiny(), "lora", lora_rank=4, lora_alpha=8, lora_targets=targets)  # scale 2
+    if text_encoder_lora:
+        te_config = LoraConfig(r=4, lora_alpha=2, init_lora_weights="gaussian",  # scale 0.5
+                               target_modules=["q_proj", "k_proj", "v_proj", "out_proj"])
+        policy.components.text_encoder.add_adapter(te_config)
+        randomize([p for n, p in policy.components.text_encoder.named_parameters() if "lora_" in n], seed=1)
+    randomize(policy.parameters())  # B != 0: the LoRA changes the model
+    return policy
+
+
+def assert_loads_like(policy, directory, prompt="a red cube"):
+    """diffusers file and kohya file, each into a fresh pipeline: same images as the trained model, not as base."""
+    expected = sample(policy.components.pipeline(), prompt)
+    base = build_tiny().pipeline()
+    a, b = build_tiny().pipeline(), build_tiny().pipeline()
+    a.load_lora_weights(str(directory))  # picks pytorch_lora_weights.safetensors
+    b.load_lora_weights(str(directory), weight_name=KOHYA_FILE)
+    assert torch.allclose(sample(a, prompt), expected, atol=1e-5)
+    assert torch.allclose(sample(b, prompt), sample(a, prompt), atol=1e-5)
+    assert not torch.allclose(sample(a, prompt, "latent"), sample(base, prompt, "latent"), atol=1e-3)
+
+
+@pytest.mark.parametrize(
+    "targets", [DEFAULT_LORA_TARGETS, FULL_TARGETS, OTHER_TARGETS], ids=["attention", "config-default", "other-kinds"]
+)
+def test_kohya_lora_loads_like_diffusers_lora(targets, tmp_path):
+    policy = lora_policy(targets)
+    assert export(policy, tmp_path) == tmp_path / LORA_FILE
+    assert_loads_like(policy, tmp_path)
+    kohya = load_file(str(tmp_path / KOHYA_FILE))
+    assert all(k.startswith("lora_unet_") for k in kohya)
+    assert 3 * len(policy.named_trainable()) == 2 * len(kohya)  # A, B -> down, up, alpha
+    assert all(v.ndim == 0 and v.item() == 8.0 for k, v in kohya.items() if k.endswith(".alpha"))
+    with safe_open(str(tmp_path / KOHYA_FILE), "pt") as f:
+        meta = f.metadata()
+    assert meta["ss_network_dim"] == "4" and meta["ss_network_alpha"] == "8"
+    assert ("ss_network_args" in meta) == (targets != DEFAULT_LORA_TARGETS)  # 3x3 conv LoRA announced as conv_dim/alpha
+
+
+def test_to_kohya_key_names():
+    a, b = torch.randn(4, 32), torch.randn(32, 4)
+    conv_a, conv_b = torch.randn(4, 32, 3, 3), torch.randn(64, 4, 1, 1)
+    state = {
+        "down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q.lora_A.weight": a,
+        "down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q.lora_B.weight": b,
+        "unet.up_blocks.1.resnets.0.conv1.lora_A.weight": conv_a,
+        "unet.up_blocks.1.resnets.0.conv1.lora_B.weight": conv_b,
+        "text_encoder.encoder.layers.0.self_attn.out_proj.lora_A.weight": a,
+        "text_encoder.encoder.layers.0.self_attn.out_proj.lora_B.weight": b,
+    }
+    out = to_kohya(state, alpha=2.0, rank=4)
+    q = "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q"
+    conv = "lora_unet_up_blocks_1_resnets_0_conv1"
+    te = "lora_te_text_model_encoder_layers_0_self_attn_out_proj"
+    assert set(out) == {f"{n}.{s}" for n in (q, conv, te) for s in ("lora_down.weight", "lora_up.weight", "alpha")}
+    assert torch.equal(out[f"{q}.lora_down.weight"], a) and torch.equal(out[f"{q}.lora_up.weight"], b)
+    assert torch.equal(out[f"{conv}.lora_down.weight"], conv_a) and out[f"{te}.alpha"].item() == 2.0
+    with pytest.raises(ValueError, match="rank"):
+        to_kohya(state, alpha=2.0, rank=8)
+
+
+def test_text_encoder_lora_round_trips_in_both_formats(tmp_path):
+    policy = lora_policy(DEFAULT_LORA_TARGETS, text_encoder_lora=True)
+    path = export(policy, tmp_path)  # picks up the text encoder's adapter
+    keys = load_file(str(path)).keys()
+    assert any(k.startswith("text_encoder.") for k in keys) and any(k.startswith("unet.") for k in keys)
+    kohya = load_file(str(tmp_path / KOHYA_FILE))
+    te_alphas = {v.item() for k, v in kohya.items() if k.startswith("lora_te_") and k.endswith(".alpha")}
+    assert te_alphas == {2.0}  # the text encoder's own alpha, not the UNet's
+    assert_loads_like(policy, tmp_path)
+
+
+def test_explicit_text_encoder_layers_and_unreadable_kohya_case(tmp_path):
+    policy = lora_policy(DEFAULT_LORA_TARGETS)
+    te = build_tiny().text_encoder
+    config = LoraConfig(r=4, lora_alpha=4, init_lora_weights="gaussian", target_modules=["q_proj", "v_proj"])
+    te.add_adapter(config)
+    randomize([p for n, p in te.named_parameters() if "lora_" in n])
+    layers = get_peft_model_state_dict(te)
+    # diffusers cannot tell the format of a kohya text-encoder LoRA without out_proj/mlp keys
+    with pytest.raises(KohyaUnsupportedError, match="out_proj"):
+        to_kohya({f"text_encoder.{k}": v for k, v in layers.items()}, alpha=4, rank=4)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        path = export_lora(policy, tmp_path, text_encoder_layers=layers, text_encoder_config=config)
+    assert any(KOHYA_FILE in str(w.message) for w in caught)
+    assert not (tmp_path / KOHYA_FILE).exists()  # skipped, never written wrong
+    pipe = build_tiny().pipeline()
+    pipe.load_lora_weights(str(tmp_path))
+    prompt_embeds = pipe.encode_prompt("a red cube", "cpu", 1, False)[0]
+    with torch.no_grad():
+        ids = pipe.tokenizer("a red cube", padding="max_length", max_length=77, return_tensors="pt").input_ids
+        assert torch.allclose(prompt_embeds, te(ids)[0], atol=1e-5)
+    assert path == tmp_path / LORA_FILE
+
+
+def test_lora_export_with_new_tokens_writes_textual_inversion(tmp_path):
+    policy = lora_policy(DEFAULT_LORA_TARGETS)
+    comps = policy.components
+    add_placeholder(comps.tokenizer, comps.text_encoder, "<cat>", 2, None, torch.Generator().manual_seed(0))
+    randomize([trainable_rows(comps.text_encoder)], seed=2, scale=1.0)
+    export(policy, tmp_path)
+    assert (tmp_path / TI_FILE).is_file()
+    pipe = build_tiny().pipeline()
+    pipe.load_lora_weights(str(tmp_path))
+    pipe.load_textual_inversion(str(tmp_path))
+    assert torch.allclose(sample(pipe, PROMPT), sample(comps.pipeline(), PROMPT), atol=1e-5)
+
+
+def test_full_export_is_a_pipeline_directory(tmp_path):
+    policy = Policy(build_tiny(), trainable="full")
+    randomize(policy.parameters(), scale=0.01)
+    assert export(policy, tmp_path) == tmp_path
+    for name in ("model_index.json", "unet", "vae", "text_encoder", "tokenizer", "scheduler"):
+        assert (tmp_path / name).exists(), name
+    assert json.loads((tmp_path / EXPORT_INFO).read_text())["trained"] == ["unet"]
+    loaded = StableDiffusionPipeline.from_pretrained(str(tmp_path), local_files_only=True)
+    loaded.set_progress_bar_config(disable=True)
+    assert loaded.safety_checker is None
+    assert torch.allclose(sample(loaded), sample(policy.components.pipeline()), atol=1e-5)
+    base = sample(build_tiny().pipeline(), output_type="latent")
+    assert not torch.allclose(sample(loaded, output_type="latent"), base, atol=1e-3)
+
+
+def test_full_export_merges_new_token_rows(tiny, tmp_path):
+    add_placeholder(tiny.tokenizer, tiny.text_encoder, "<cat>", 2, None, torch.Generator().manual_seed(0))
+    randomize([trainable_rows(tiny.text_encoder)], seed=2, scale=1.0)
+    with pytest.raises(ValueError, match="text_encoder_trained"):
+        export_full(tiny, tmp_path / "no", text_encoder_trained=False)
+    export_full(tiny, tmp_path, text_encoder_trained=True)
+    loaded = StableDiffusionPipeline.from_pretrained(str(tmp_path), local_files_only=True)
+    loaded.set_progress_bar_config(disable=True)
+    assert torch.allclose(sample(loaded, PROMPT), sample(tiny.pipeline(), PROMPT), atol=1e-5)
+    assert json.loads((tmp_path / EXPORT_INFO).read_text())["trained"] == ["unet", "text_encoder"]
+
+
+# The Policy's text-encoder modes (text_encoder="lora"/"full", trainable="none", tokens=...).
+
+
+def test_text_encoder_only_lora_exports_without_unet_part(tmp_path):
+    policy = Policy(build_tiny(), "none", text_encoder="lora", lora_rank=4, lora_alpha=2)
+    randomize(policy.parameters())
+    assert export(policy, tmp_path) == tmp_path / LORA_FILE
+    assert all(k.startswith("text_encoder.") for k in load_file(str(tmp_path / LORA_FILE)))
+    assert all(k.startswith("lora_te_") for k in load_file(str(tmp_path / KOHYA_FILE)))
+    assert_loads_like(policy, tmp_path)
+
+
+def test_fully_trained_text_encoder_beside_unet_lora(tmp_path):
+    from transformers import CLIPTextModel, CLIPTokenizer
+
+    policy = Policy(build_tiny(), "lora", text_encoder="full", lora_rank=4, lora_alpha=8)
+    comps = policy.components
+    randomize(policy.parameters(), scale=0.01)
+    export(policy, tmp_path)
+    pipe = build_tiny().pipeline()
+    pipe.text_encoder = CLIPTextModel.from_pretrained(str(tmp_path), subfolder="text_encoder")
+    pipe.tokenizer = CLIPTokenizer.from_pretrained(str(tmp_path), subfolder="tokenizer")
+    pipe.load_lora_weights(str(tmp_path))
+    assert torch.allclose(sample(pipe), sample(comps.pipeline()), atol=1e-5)
+    unet_only = build_tiny().pipeline()
+    unet_only.load_lora_weights(str(tmp_path))
+    assert not torch.allclose(sample(unet_only), sample(pipe), atol=1e-3)  # the text encoder's training matters
+
+
+def test_full_export_merges_text_encoder_lora_and_tokens(tmp_path):
+    comps = build_tiny()
+    add_placeholder(comps.tokenizer, comps.text_encoder, "<cat>", 2, None, torch.Generator().manual_seed(0))
+    policy = Policy(comps, "full", text_encoder="lora", lora_rank=4, lora_alpha=2, tokens={"<cat>": 2})
+    randomize(policy.parameters(), scale=0.05)
+    expected = sample(comps.pipeline(), PROMPT)
+    assert export(policy, tmp_path) == tmp_path
+    loaded = StableDiffusionPipeline.from_pretrained(str(tmp_path), local_files_only=True)
+    loaded.set_progress_bar_config(disable=True)
+    assert torch.allclose(sample(loaded, PROMPT), expected, atol=1e-5)
+    assert torch.equal(sample(comps.pipeline(), PROMPT), expected)  # the trained model itself is untouched
+
+
+def test_tokens_only_export_returns_the_embedding_file(tmp_path):
+    comps = build_tiny()
+    add_placeholder(comps.tokenizer, comps.text_encoder, "<cat>", 3, "cat", None)
+    policy = Policy(comps, "none", tokens={"<cat>": 3})
+    randomize(policy.parameters(), seed=4, scale=1.0)
+    assert export(policy, tmp_path) == tmp_path / TI_FILE
+    assert sorted(p.name for p in tmp_path.iterdir()) == [TI_FILE]
+    pipe = build_tiny().pipeline()
+    pipe.load_textual_inversion(str(tmp_path))
+    assert torch.allclose(sample(pipe, PROMPT), sample(comps.pipeline(), PROMPT), atol=1e-5)
