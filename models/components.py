@@ -10,6 +10,7 @@ adapters module decides what trains.
 
 from __future__ import annotations
 
+import contextlib
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,6 +37,20 @@ SD15_SCHEDULER = dict(
     set_alpha_to_one=False,
     steps_offset=1,
 )
+
+
+@contextlib.contextmanager
+def vae_precision(vae: AutoencoderKL, *tensors: torch.Tensor):
+    """Runs the VAE in its own weights' dtype and yields ``tensors`` cast to it.
+
+    Under float16 autocast the VAE stays float32 (``Policy.to``), because SD's VAE overflows in
+    float16. This is diffusers' ``force_upcast``. Autocast is therefore switched off around it.
+    Otherwise (float32, or bfloat16 weights) it changes nothing but the tensors' dtype.
+    """
+    device = vae.device.type
+    upcast = vae.dtype == torch.float32 and torch.is_autocast_enabled(device) and torch.get_autocast_dtype(device) == torch.float16
+    with torch.autocast(device, enabled=False) if upcast else contextlib.nullcontext():
+        yield tuple(t.to(vae.dtype) for t in tensors)
 
 
 class ModelNotFoundError(FileNotFoundError):

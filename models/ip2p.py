@@ -19,6 +19,7 @@ from __future__ import annotations
 import torch
 from diffusers.utils.torch_utils import randn_tensor
 
+from models.components import vae_precision
 from models.policy import Policy
 from models.sampler import SamplerSettings, decode
 from models.schedulers import scheduler_for, step_kwargs
@@ -70,7 +71,8 @@ def dropout_masks(batch: int, p: float, generator: torch.Generator | None = None
 
 def image_latents(vae, pixels: torch.Tensor) -> torch.Tensor:
     """Source-image latents [B, 4, H/f, W/f], unscaled: the VAE posterior mode of ``pixels`` [B, 3, H, W] in [-1, 1]."""
-    return vae.encode(pixels).latent_dist.mode()
+    with vae_precision(vae, pixels) as (pixels,):
+        return vae.encode(pixels).latent_dist.mode()
 
 
 def ip2p_inputs(noisy_latents: torch.Tensor, image_latents: torch.Tensor) -> torch.Tensor:

@@ -15,6 +15,7 @@ from typing import Callable
 import torch
 from torch.utils.checkpoint import checkpoint
 
+from models.components import vae_precision
 from models.ip2p import dropout_masks, ip2p_denoise_inputs
 from models.policy import Policy
 from models.sampler import SamplerSettings, sample
@@ -210,5 +211,5 @@ def encode_pixels(policy: Policy, pixels: torch.Tensor, generator: torch.Generat
     """Data latents for the denoise terms: a draw from the frozen VAE's posterior, scaled as in training
     scripts (diffusers' train_text_to_image). pixels [B, 3, H, W] in [-1, 1] -> [B, 4, H/f, W/f]."""
     vae = policy.components.vae
-    with torch.no_grad():
+    with torch.no_grad(), vae_precision(vae, pixels) as (pixels,):
         return vae.encode(pixels, return_dict=False)[0].sample(generator) * vae.config.scaling_factor

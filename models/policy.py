@@ -43,6 +43,8 @@ class Policy:
         (models/textual_inversion.add_placeholder) -> their vector counts; their rows train."""
         self.components = components
         self.tokens = dict(tokens or {})
+        # (prompts, encode, device) -> [B, L, D]; used only while no text weight trains (rayjobs/text_cache.py)
+        self.text_cache: Callable[[list[str], Callable, torch.device], torch.Tensor] | None = None
         self.text_trainable = self._text_trainable(text_encoder, lora_rank, lora_alpha)
         self.trainable = trainable
         self.gradient_checkpointing = gradient_checkpointing
@@ -115,7 +117,14 @@ class Policy:
 
     def encode_prompts(self, prompts: list[str]) -> torch.Tensor:
         """Text embeddings [B, 77, D] the way StableDiffusionPipeline encodes them; with gradient only when
-        the text encoder or placeholder rows train. Multi-vector placeholders are spelled out first."""
+        the text encoder or placeholder rows train. Multi-vector placeholders are spelled out first.
+        A ``text_cache`` serves prompts it has seen while nothing on the text path trains."""
+        if self.text_cache is not None and not self.text_trainable:
+            device = next(self.components.text_encoder.parameters()).device
+            return self.text_cache(list(prompts), self._encode, device)
+        return self._encode(prompts)
+
+    def _encode(self, prompts: list[str]) -> torch.Tensor:
         tok = self.components.tokenizer
         prompts = [expand_prompt(p, self.tokens) for p in prompts] if self.tokens else list(prompts)
         ids = tok(prompts, padding="max_length", max_length=tok.model_max_length, truncation=True, return_tensors="pt")
@@ -163,11 +172,13 @@ class Policy:
 
         float32 trainables avoid "Attempting to unscale FP16 gradients" and keep
         AdamW updates exact; run forwards under torch.autocast when dtype is not float32.
+        Under float16 the VAE stays float32: SD's VAE overflows in float16 (components.vae_precision).
         """
         for module in (self.components.vae, self.components.text_encoder, self.unet, self._reference):
             if module is not None:
                 module.to(device=device)
-                if dtype != torch.float32:
+                upcast = module is self.components.vae and dtype == torch.float16
+                if dtype != torch.float32 and not upcast:
                     module.to(dtype=dtype)
         for param in self.parameters():
             param.data = param.data.float()

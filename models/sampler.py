@@ -23,6 +23,7 @@ import torch
 from diffusers.utils.torch_utils import randn_tensor
 from torch.utils.checkpoint import checkpoint
 
+from models.components import vae_precision
 from models.policy import Policy
 from models.schedulers import SCHEDULERS, scheduler_for, step_kwargs
 
@@ -154,5 +155,6 @@ def _sample(policy, prompts, settings, generator, with_ref, track_grad, latents,
 def decode(policy: Policy, latents: torch.Tensor, generator=None) -> torch.Tensor:
     """Latents -> images in [0, 1] through the frozen VAE (differentiable), as the pipeline does."""
     vae = policy.components.vae
-    pixels = vae.decode(latents / vae.config.scaling_factor, return_dict=False, generator=generator)[0]  # [-1, 1]
+    with vae_precision(vae, latents) as (latents,):
+        pixels = vae.decode(latents / vae.config.scaling_factor, return_dict=False, generator=generator)[0]  # [-1, 1]
     return (pixels / 2 + 0.5).clamp(0, 1)

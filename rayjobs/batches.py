@@ -21,6 +21,7 @@ import numpy as np
 import torch
 import yaml
 
+from models.components import vae_precision
 from models.ip2p import image_latents
 from models.objective import encode_pixels
 from models.policy import Policy
@@ -30,6 +31,7 @@ from rayjobs.errors import UserError
 from rayjobs.image_dataset import ImageTextDataset, ImageTransform
 from rayjobs.latent_cache import LatentCache
 from rayjobs.prompt_data import load_prompts_source
+from rayjobs.validation import eval_pixels
 
 
 def mix_seed(*parts: int) -> int:
@@ -79,6 +81,7 @@ def check_data(cfg: Config) -> None:
     if prior and _has_images(cfg.data.class_dir):
         class_dataset(cfg)
     load_templates(cfg.data.instruction_templates)
+    eval_pixels(cfg)
 
 
 def _has_images(folder: str | None) -> bool:
@@ -182,5 +185,5 @@ class Batches:
         if item is None:
             raise UserError(f"data.source {dataset.records[i].name}: cannot decode image; fix or remove it, or set data.skip_bad: true")
         pixels = item["pixels"][column][None].to(vae.device, vae.dtype)  # [1, 3, H, W]
-        with torch.no_grad():
+        with torch.no_grad(), vae_precision(vae, pixels) as (pixels,):
             return vae.encode(pixels, return_dict=False)[0].parameters[0].float().cpu()  # [8, h, w]

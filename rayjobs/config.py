@@ -33,10 +33,12 @@ class ModelConfig(_Strict):
         "a local diffusers-layout directory, or a hub id",
     )
     revision: str | None = Field(None, description="hub revision (branch, tag or commit) when name_or_path is a hub id")
-    dtype: Literal["float32", "bfloat16"] = Field(
+    dtype: Literal["float32", "bfloat16", "float16"] = Field(
         "float32",
         description="compute dtype of the frozen weights (autocast); trainable weights always stay float32. "
-        "No float16: it needs loss scaling and SD's VAE overflows in it",
+        "float16 adds dynamic loss scaling (torch.amp.GradScaler: a step whose gradients overflow is skipped "
+        "and the scale halves) and keeps the VAE in float32 (SD's VAE overflows in float16). bfloat16 is the "
+        "better choice on A100/H100",
     )
 
 
@@ -195,7 +197,7 @@ class OptimConfig(_Strict):
     text_encoder_lr: float | None = Field(None, gt=0, description="learning rate of the text encoder's trainable weights; None = lr")
     token_lr: float | None = Field(None, gt=0, description="learning rate of textual-inversion rows; None = lr (TI write-ups use ~5e-4 to 5e-3)")
     name: Literal["adamw", "adamw8bit"] = Field(
-        "adamw", description="adamw: torch AdamW; adamw8bit: bitsandbytes' 8-bit AdamW (CUDA only; install bitsandbytes)"
+        "adamw", description="adamw: torch AdamW; adamw8bit: bitsandbytes' 8-bit AdamW (pip install 'draftray[8bit]'; CUDA, or CPU with bitsandbytes >= 0.48)"
     )
     phases: list[Phase] = Field(
         [],
@@ -265,6 +267,10 @@ class Config(_Strict):
             raise ValueError(f"optim.phases: steps sum to {sum(p.steps for p in self.optim.phases)}, train.steps is {self.train.steps}")
         if self.data.conditioning_column and self.trainable.unet_in_channels != 8:
             raise ValueError("trainable.unet_in_channels: a conditioning image (data.conditioning_column) needs 8 UNet input channels")
+        if self.data.eval_images and self.trainable.unet_in_channels != 8:
+            raise ValueError("data.eval_images: validation edits need an InstructPix2Pix UNet (trainable.unet_in_channels: 8)")
+        if self.data.cache_text_embeddings and (self.trainable.text_encoder != "none" or self.trainable.tokens):
+            raise ValueError("data.cache_text_embeddings: the text encoder trains (trainable.text_encoder or tokens); its states cannot be cached")
         return self
 
 

@@ -46,6 +46,12 @@ class DataConfig(_Strict):
     prompts_key: str | None = Field(None, description="the prompt's key in JSONL objects and .json tar members; None = 'prompt' (JSONL), 'txt' (tar)")
     eval_prompts: list[str] = Field(EVAL_PROMPTS, min_length=1, description="fixed evaluation prompts (rows of the sample grid)")
     eval_seeds: list[int] = Field([0, 1, 2, 3, 4, 5], min_length=2, description="one image per seed per eval prompt (grid columns); >= 2 for diversity")
+    eval_images: list[str] = Field(
+        [],
+        description="InstructPix2Pix validation: input images edited at every evaluation, each by every eval prompt read as "
+        "an instruction (seed eval_seeds[0]); one row per image in samples/edits_step_<N>.png, the input first",
+    )
+    eval_image_guidance: float = Field(1.5, ge=0, description="image guidance scale s_I of those validation edits")
 
     # -- images (denoise term) --
     source: str | None = Field(
@@ -76,6 +82,11 @@ class DataConfig(_Strict):
         False,
         description="cache VAE latents of the images on disk, keyed by content, model and transform (needs center_crop and "
         "no random_flip); under <run.output_dir>/.cache/latents",
+    )
+    cache_text_embeddings: bool = Field(
+        False,
+        description="cache the frozen text encoder's states per prompt on disk, keyed by content and model (needs "
+        "trainable.text_encoder none and no placeholder tokens); under <run.output_dir>/.cache/text",
     )
 
     # -- class images (prior term, DreamBooth prior preservation) --

@@ -78,6 +78,15 @@ class LatentCache:
 
         An unreadable cache file (damaged disk) counts as a miss and is rewritten.
         """
+        tensor = self.load(key)
+        if tensor is not None:
+            return tensor
+        tensor = fn()
+        self.store(key, tensor)
+        return tensor
+
+    def load(self, key: str) -> torch.Tensor | None:
+        """The cached tensor of ``key`` on CPU, or None (counted as a miss; so is an unreadable file)."""
         path = self.path(key)
         if path.is_file():
             try:
@@ -87,11 +96,11 @@ class LatentCache:
             except (SafetensorError, OSError, KeyError, ValueError):
                 pass
         self.misses += 1
-        tensor = fn()
-        self._write(path, tensor)
-        return tensor
+        return None
 
-    def _write(self, path: Path, tensor: torch.Tensor) -> None:
+    def store(self, key: str, tensor: torch.Tensor) -> None:
+        """Writes ``tensor`` (copied to CPU) as the value of ``key``, atomically."""
+        path = self.path(key)
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem[:16]}-", suffix=".tmp")
         os.close(fd)

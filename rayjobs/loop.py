@@ -33,8 +33,10 @@ from rayjobs.config import Config
 from rayjobs.optim import EMA, build_optimizer, build_schedule
 from rayjobs.prepare import prepare_components
 from rayjobs.runlog import STOP_FILE, STOP_REQUEST, RunLog
+from rayjobs.text_cache import TextEmbeddingCache
+from rayjobs.validation import validation_edits
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 EMA_PREFIX = "ema."  # checkpoint keys of the EMA averages
 
 
@@ -105,6 +107,9 @@ class Worker:
         self.policy = Policy(comps, t.kind, t.lora_rank, t.lora_alpha, tuple(t.lora_targets), t.gradient_checkpointing, t.text_encoder, tokens)
         torch.manual_seed(mix_seed(cfg.train.seed, ctx.rank))  # from here on ranks draw differently
         self.policy.to(ctx.device, self.dtype)
+        if cfg.data.cache_text_embeddings:
+            model_id = f"{cfg.model.name_or_path}@{cfg.model.revision}/{cfg.model.dtype}"
+            self.policy.text_cache = TextEmbeddingCache(Path(cfg.run.output_dir) / ".cache" / "text", model_id)
         if ctx.world_size > 1:
             # DDP averages gradients across ranks in backward. LoRA/full leave no unused parameters.
             ids = [ctx.device.index] if ctx.device.type == "cuda" else None
@@ -123,6 +128,8 @@ class Worker:
         self.optimizer = build_optimizer(self.policy, cfg.optim)
         self.schedule = build_schedule(self.optimizer, cfg.optim)
         self.ema = EMA(self.params, t.ema_decay) if t.ema_decay else None
+        # float16 only: dynamic loss scaling (a no-op pass-through otherwise; model.dtype)
+        self.scaler = torch.amp.GradScaler(ctx.device.type, enabled=self.dtype == torch.float16)
         self.batches = Batches(cfg, self.policy, ctx.rank)
 
     def make_class_images(self) -> None:
@@ -171,14 +178,17 @@ class Worker:
             no_sync = self.policy.net.no_sync() if (not last and self.ctx.world_size > 1) else contextlib.nullcontext()
             with no_sync, self.autocast():
                 loss, metrics = self.objective(self.policy, self.batch(step, micro))
-                (loss / accum).backward()
+                self.scaler.scale(loss / accum).backward()
             for k, v in metrics.items():
                 totals[k] = totals.get(k, 0.0) + v.float() / accum
         clip = self.cfg.optim.grad_clip if self.cfg.optim.grad_clip > 0 else math.inf
+        self.scaler.unscale_(self.optimizer)  # clip the true gradients (float16 loss scaling)
         totals["grad_norm"] = torch.nn.utils.clip_grad_norm_(self.params, clip).float()
         keys = sorted(totals)
         stats = torch.stack([totals[k].to(self.ctx.device) for k in keys])  # [M]
-        bad = (~torch.isfinite(stats)).any().float().reshape(1)
+        # float16: an overflowing gradient is the scaler's business (skip the step, halve the scale)
+        tolerated = {"grad_norm"} if self.scaler.is_enabled() else set()
+        bad = (~torch.isfinite(stats[[i for i, k in enumerate(keys) if k not in tolerated]])).any().float().reshape(1)
         stop = torch.tensor([float(stop_requested)], device=stats.device)
         stats = torch.cat([stats, stop, bad])  # [M + 2]
         if self.ctx.world_size > 1:
@@ -189,21 +199,30 @@ class Worker:
         out["stop_requested"] = values[-2]
         out["finite"] = float(values[-1] == 0)
         if out["finite"]:
-            out["lr"] = self.schedule.get_last_lr()[0]
-            self.optimizer.step()
-            self.after_step()
-            self.schedule.step()
+            self._apply(out)
         if self.batches.skipped:
             out["data/skipped"] = float(self.batches.skipped)  # this rank's count (data.skip_bad)
         return out
+
+    def _apply(self, out: dict[str, float]) -> None:
+        """The optimizer step of finite metrics. Under float16 an overflowing gradient (grad_norm not
+        finite, the same on every rank after DDP's all-reduce) skips the update, and the scale backs off."""
+        out["lr"] = self.schedule.get_last_lr()[0]
+        overflow = not math.isfinite(out["grad_norm"])
+        self.scaler.step(self.optimizer)  # optimizer.step() unless float16 found an inf
+        self.scaler.update()
+        if self.scaler.is_enabled():
+            out["loss_scale"], out["overflow"] = self.scaler.get_scale(), float(overflow)
+        if not overflow:
+            self.after_step()
+            self.schedule.step()
 
     @torch.no_grad()
     def evaluate(self, blend: tuple[float, ...] | None = None) -> tuple[dict[str, float], list[torch.Tensor]]:
         """Fixed eval prompts x fixed seeds: reward mean/std, KL to the reference, diversity.
         ``blend``: per-step AIG weights (models/inference.py) for inference-time points."""
-        net, self.policy.net = self.policy.net, self.policy.unet  # rank 0 alone: bypass DDP
         rewards_, parts, kls, images = [], {}, [], []
-        try:
+        with self.unwrapped():
             for prompt in self.cfg.data.eval_prompts:
                 seeds = self.cfg.data.eval_seeds
                 gens = [torch.Generator().manual_seed(s) for s in seeds]
@@ -215,8 +234,6 @@ class Worker:
                     parts.setdefault(name, []).append(r.float())
                 kls.append(kl_term(out.eps, out.eps_ref).float())
                 images.append(out.images.float().cpu())  # [N, 3, H, W]
-        finally:
-            self.policy.net = net
         r = torch.cat(rewards_)  # [P * N]
         metrics = {
             "eval/reward_mean": float(r.mean()),
@@ -227,18 +244,34 @@ class Worker:
         metrics.update({f"eval/reward_{name}": float(torch.cat(vals).mean()) for name, vals in parts.items()})
         return metrics, images
 
+    def validation_edits(self) -> list[torch.Tensor]:
+        """data.eval_images edited by the eval prompts (rayjobs/validation.py); [] when none are set."""
+        if not self.cfg.data.eval_images:
+            return []
+        with self.unwrapped(), self.autocast():
+            return validation_edits(self.cfg, self.policy, self.settings)
+
+    @contextlib.contextmanager
+    def unwrapped(self):
+        """policy.net is the bare UNet meanwhile: evaluation runs on rank 0 alone, so not through DDP."""
+        net, self.policy.net = self.policy.net, self.policy.unet
+        try:
+            yield
+        finally:
+            self.policy.net = net
+
     def save(self, directory: Path, step: int) -> None:
         weights = self.policy.trainable_state_dict()
         if self.ema is not None:  # the averages travel with the weights, prefixed
             weights |= {f"{EMA_PREFIX}{k}": v for k, v in self.ema.state_dict().items()}
-        checkpoint.save(directory, self.ctx.rank, step, weights, self.optimizer, self.schedule)
+        checkpoint.save(directory, self.ctx.rank, step, weights, self.optimizer, self.schedule, self.scaler)
 
     def restore(self) -> int:
         """Loads the latest checkpoint if there is one; returns the optimizer steps already done."""
         with self.ctx.latest_checkpoint() as directory:
             if directory is None:
                 return 0
-            step, weights = checkpoint.load(directory, self.ctx.rank, self.optimizer, self.schedule)
+            step, weights = checkpoint.load(directory, self.ctx.rank, self.optimizer, self.schedule, self.scaler)
         ema = {k[len(EMA_PREFIX) :]: v for k, v in weights.items() if k.startswith(EMA_PREFIX)}
         self.policy.load_trainable_state_dict({k: v for k, v in weights.items() if not k.startswith(EMA_PREFIX)})
         if self.ema is not None and ema:
@@ -293,6 +326,9 @@ def train_loop(cfg: Config, run_dir: Path, ctx: WorkerContext) -> None:
 def _evaluate(worker: Worker, log: RunLog, step: int) -> dict[str, float]:
     metrics, images = worker.evaluate()
     metrics["eval/grid"] = str(log.grid(step, images))
+    edits = worker.validation_edits()
+    if edits:
+        metrics["eval/edit_grid"] = str(log.grid(step, edits, kind="edits"))
     log.log(step, metrics)
     return metrics
 

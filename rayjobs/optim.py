@@ -28,12 +28,12 @@ def build_optimizer(policy: Policy, o: OptimConfig) -> torch.optim.Optimizer:
 
 
 def _adamw8bit(groups: list[dict], kwargs: dict) -> torch.optim.Optimizer:
+    """bitsandbytes' AdamW8bit: both moments in 8 bits (block-wise quantised) for tensors of at least
+    4096 elements, 32-bit for smaller ones (its min_8bit_size). It runs on CUDA, and on CPU since 0.48."""
     try:
         import bitsandbytes as bnb
     except ImportError:
-        raise UserError("optim.name adamw8bit: bitsandbytes is not installed (pip install bitsandbytes; CUDA only), or use adamw") from None
-    if not any(p.is_cuda for g in groups for p in g["params"]):
-        raise UserError("optim.name adamw8bit: bitsandbytes' 8-bit AdamW runs on CUDA tensors only; use adamw on CPU")
+        raise UserError("optim.name adamw8bit: bitsandbytes is not installed (pip install 'draftray[8bit]'), or use adamw") from None
     return bnb.optim.AdamW8bit(groups, **kwargs)
 
 

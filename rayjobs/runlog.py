@@ -68,10 +68,12 @@ class RunLog:
                 self.tb.add_scalar(key, value, step)
         self.tb.flush()
 
-    def grid(self, step: int, images_per_prompt: list[torch.Tensor]) -> Path:
-        path = self.run_dir / "samples" / f"step_{step:06d}.png"
+    def grid(self, step: int, images_per_prompt: list[torch.Tensor], kind: str = "samples") -> Path:
+        """samples/step_<N>.png (kind "samples": the eval grid) or samples/<kind>_step_<N>.png; TensorBoard tag kind."""
+        name = f"step_{step:06d}.png" if kind == "samples" else f"{kind}_step_{step:06d}.png"
+        path = self.run_dir / "samples" / name
         pixels = save_grid(images_per_prompt, path)
-        self.tb.add_image("samples", pixels, step, dataformats="HWC")
+        self.tb.add_image(kind, pixels, step, dataformats="HWC")
         return path
 
     def compare(self, first: int, last: int) -> Path | None:

@@ -107,13 +107,14 @@ DATA_PATHS = ("source", "class_dir", "prompts_file", "instruction_templates")
 
 
 def absolute_paths(cfg: Config) -> Config:
-    """The config with data.{source, class_dir, prompts_file, instruction_templates}, run.output_dir and a
+    """The config with data.{source, class_dir, prompts_file, instruction_templates, eval_images}, run.output_dir and a
     local model.name_or_path resolved against this process's working directory."""
     cfg = cfg.model_copy(deep=True)
     for key in DATA_PATHS:
         value = getattr(cfg.data, key)
         if value is not None:
             setattr(cfg.data, key, str(Path(value).expanduser().resolve()))
+    cfg.data.eval_images = [str(Path(p).expanduser().resolve()) for p in cfg.data.eval_images]
     cfg.run.output_dir = str(Path(cfg.run.output_dir).expanduser().resolve())
     model = Path(cfg.model.name_or_path).expanduser()
     if model.exists():
@@ -250,6 +251,14 @@ def _fit_trainer(cfg: Config, run_dir: Path, callbacks: list, progress: bool, ke
         return trainer.fit()
 
 
+PROGRESS_TERMS = ("loss", "reward", "kl", "denoise", "prior", "loss_scale")
+
+
+def progress_fields(rec: dict) -> dict[str, str]:
+    """The objective's terms this run logs (a supervised run has no reward, a DRaFT run no KL)."""
+    return {k: f"{rec[k]:.4g}" for k in PROGRESS_TERMS if isinstance(rec.get(k), (int, float))}
+
+
 class Progress(Watcher):
     """A live progress line on stderr (step, loss, reward, KL, it/s), read from metrics.jsonl."""
 
@@ -268,7 +277,7 @@ class Progress(Watcher):
         for rec in records:
             if "loss" in rec:
                 self.bar.n = rec["step"]
-                self.bar.set_postfix(loss=f"{rec['loss']:.4g}", reward=f"{rec.get('reward', float('nan')):.4g}", kl=f"{rec.get('kl', 0.0):.3g}", refresh=False)
+                self.bar.set_postfix(progress_fields(rec), refresh=False)
                 self.bar.refresh()
             elif "eval/reward_mean" in rec:
                 self.bar.write(f"eval step {rec['step']}: reward {rec['eval/reward_mean']:.4g} ± {rec['eval/reward_std']:.3g}, kl {rec['eval/kl']:.3g}", file=sys.stderr)

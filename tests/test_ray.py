@@ -76,6 +76,34 @@ def test_dreambooth_on_two_workers_draws_class_images_once(cluster, tmp_path):
     assert (run / "export" / "pytorch_lora_weights.safetensors").is_file()
 
 
+PIVOTAL_PHASES = "optim.phases=[{steps: 1, lr: {tokens: 5.0e-3}}, {steps: 1, lr: {unet: 1.0e-3}}]"
+
+
+@pytest.mark.parametrize(
+    "preset, kind, extra, exported",
+    [
+        ("toy-finetune.yaml", "captions", [], "kohya_lora.safetensors"),
+        ("toy-textual-inversion.yaml", "subject", [], "learned_embeds.safetensors"),
+        ("toy-pivotal.yaml", "subject", [PIVOTAL_PHASES], "learned_embeds.safetensors"),
+        ("toy-instructpix2pix.yaml", "edits", ["data.eval_images=[{data}/input/000.png]"], "model_index.json"),
+    ],
+)
+def test_each_supervised_preset_trains_through_ray(cluster, tmp_path, preset, kind, extra, exported):
+    """The shipped toy presets, 2 steps each through Ray Train: the loop's metrics and the method's export."""
+    from rayjobs.toy_data import write_dataset
+    from rayjobs.train import fit
+
+    data = write_dataset(tmp_path / "data", kind, 4)
+    overrides = [f"run.output_dir={tmp_path}", "run.name=p", f"data.source={data}", "train.steps=2", "train.eval_every=2",
+                 "train.checkpoint_every=2", *(e.replace("{data}", str(data)) for e in extra)]  # fmt: skip
+    run = fit(load_config(Path(__file__).parents[1] / "configs" / preset, FAST + overrides))
+    steps = [m for m in read_metrics(run) if "loss" in m]
+    assert [m["step"] for m in steps] == [1, 2] and all("denoise" in m and "reward" not in m for m in steps)
+    assert (run / "export" / exported).is_file() and (run / "samples" / "step_000002.png").is_file()
+    if kind == "edits":
+        assert (run / "samples" / "edits_step_000002.png").is_file()
+
+
 def test_resume_after_killed_worker_and_after_restart(cluster, tmp_path):
     marker = tmp_path / "crashed"
     reward = ["reward.name=faults:CrashOnce", f"reward.kwargs={{at_call: 4, marker: '{marker}'}}"]

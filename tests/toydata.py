@@ -18,3 +18,14 @@ def write_toy_images(folder: Path, n: int, captions: bool = True, seed: int = 0)
         if captions:
             (folder / f"{i:03d}.txt").write_text(text)
     return texts
+
+
+def finetune_worker(tmp_path: Path, base: list[str], *extra: str, n: int = 2):
+    """A Worker of the finetune preset on n toy captioned images in tmp_path/data (LocalContext, no Ray)."""
+    from rayjobs.config import load_config
+    from rayjobs.loop import LocalContext, Worker
+
+    data = tmp_path / "data"
+    write_toy_images(data, n)
+    cfg = load_config(None, [*base, f"run.output_dir={tmp_path}", "objective.preset=finetune", f"data.source={data}", *extra])
+    return Worker(cfg, LocalContext(tmp_path))
