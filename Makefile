@@ -17,6 +17,10 @@ $(RUNTIME): pyproject.toml constraints.txt
 	touch $@
 
 $(DEV): $(RUNTIME)
+	# deepspeed is an sdist whose setup.py imports torch: build it against the pinned torch, no C++ ops ahead
+	# of time (the one comm op it needs on CPU is JIT-compiled on first use, ~30-90 s, cached).
+	$(PIP) 'setuptools>=68'
+	DS_BUILD_OPS=0 $(PIP) --no-build-isolation deepspeed
 	$(PIP) -e '.[dev]'
 	touch $@
 

@@ -1,4 +1,4 @@
-"""The `draftray` command: train, sweep, pareto, sample, score, weights, toy.
+"""The `draftray` command: train, sweep, pareto, sample, score, weights, toy, submit, jobs.
 
 Bad input prints one line ``draftray: error: ...`` and exits 2 with nothing
 written; a run that stops itself (non-finite loss) exits 1.
@@ -11,6 +11,7 @@ import os
 import sys
 from pathlib import Path
 
+from rayjobs import submit
 from rayjobs.errors import TrainingStopped, UserError
 
 
@@ -40,11 +41,13 @@ def _parser() -> argparse.ArgumentParser:
     w.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides of the base config, e.g. train.steps=20")
     w.add_argument("--address", help="Ray cluster address to join (default: $RAY_ADDRESS, else start a local Ray)")
     w.add_argument("--verbose", action="store_true", help="Tune's status table and the workers' logs")
+    w.add_argument("--or-resume", action="store_true", help="if sweep.name already holds a sweep, resume it (what `draftray submit --sweep` runs)")
 
     a = sub.add_parser("pareto", help="rebuild a sweep's front, plot, grids and summary from its trials.csv")
     a.add_argument("sweep_dir", help="a sweep directory (holds trials.csv and sweep.yaml)")
 
     _toy_parser(sub)
+    submit.add_parsers(sub)
 
     s = sub.add_parser("sample", help="generate (or, with --image, edit) images with diffusers' pipelines (+ a trained LoRA / embeddings)")
     s.add_argument("--model", required=True, help="'tiny', a diffusers-layout directory, or a hub id")
@@ -140,7 +143,7 @@ def _toy_parser(sub) -> None:
 def _sweep(args) -> int:
     overrides = list(args.overrides) + ([f"ray.address={args.address}"] if args.address else [])
     from rayjobs.config import load_config
-    from rayjobs.sweep import resume_sweep, run_sweep
+    from rayjobs.sweep import TUNE, resume_sweep, run_sweep, sweep_dir_for
 
     if args.resume:
         if args.config or overrides:
@@ -149,7 +152,11 @@ def _sweep(args) -> int:
         return 0
     if not args.config:
         raise UserError("sweep: give a CONFIG with a sweep: section, or --resume SWEEP_DIR")
-    print(run_sweep(load_config(args.config, overrides), verbose=args.verbose))
+    cfg = load_config(args.config, overrides)
+    if args.or_resume and (existing := sweep_dir_for(cfg)).joinpath(TUNE).is_dir():  # a resubmitted job (draftray submit)
+        print(resume_sweep(existing, verbose=args.verbose))
+        return 0
+    print(run_sweep(cfg, verbose=args.verbose))
     return 0
 
 
@@ -233,7 +240,8 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     args = _parser().parse_args(argv)
     try:
-        commands = {"train": _train, "sweep": _sweep, "pareto": _pareto, "toy": _toy, "sample": _sample, "score": _score, "weights": _weights}
+        commands = {"train": _train, "sweep": _sweep, "pareto": _pareto, "toy": _toy, "sample": _sample, "score": _score, "weights": _weights,
+                    "submit": submit.submit, "jobs": submit.jobs}  # fmt: skip
         return commands[args.command](args)
     except UserError as err:
         print(f"draftray: error: {err}", file=sys.stderr)

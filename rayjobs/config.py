@@ -233,7 +233,28 @@ class RayConfig(_Strict):
     cpus_per_worker: float = Field(1.0, gt=0, description="CPU cores reserved per worker")
     address: str | None = Field(None, description="Ray cluster to join ('auto', 'ray://host:10001'); None = $RAY_ADDRESS, else start a local Ray")
     max_failures: int = Field(2, ge=0, description="times the worker group restarts from the latest checkpoint after a failure")
-    storage_path: str | None = Field(None, description="where Ray Train keeps checkpoints (s3://, gs://, NFS for multi-node), under <storage_path>/<run name>; None = <run dir>/checkpoints")
+    storage_path: str | None = Field(
+        None,
+        description="storage every node reaches: s3://, gs://, or a shared filesystem path (NFS/EFS/Filestore). Checkpoints, "
+        "metrics, samples and the export land under <storage_path>/<run name>/. None = local: <run dir>/checkpoints "
+        "(single node only; a multi-node cluster is refused up front)",
+    )
+    strategy: Literal["ddp", "fsdp", "deepspeed"] = Field(
+        "ddp",
+        description="how ranks share the trainable weights (docs/sharding.md): ddp (a full copy per rank; LoRA, text encoder, "
+        "tokens, float16), fsdp (torch FSDP2 fully_shard: parameters, gradients and AdamW state sharded; trainable.kind full, "
+        "float32/bfloat16), deepspeed (ZeRO stage zero_stage; trainable.kind full, float32/bfloat16; pip install 'draftray[deepspeed]')",
+    )
+    zero_stage: Literal[1, 2, 3] = Field(2, description="DeepSpeed ZeRO stage with strategy deepspeed: 1 shards the optimizer state, 2 also the gradients; 3 (parameters) is refused: use fsdp")
+    accelerator_type: str | None = Field(None, description="Ray accelerator type every worker needs, e.g. 'A100', 'H100' (Ray labels 40 GB and 80 GB A100s both 'A100')")
+    resources_per_worker: dict[str, float] = Field(
+        {}, description="extra custom resources each worker needs, e.g. {A100_80GB: 1} to tell 80 GB from 40 GB A100 nodes (cluster.yaml)"
+    )
+    driver_resources: dict[str, float] = Field(
+        {},
+        description="custom resources of the thin drivers (a submitted job's entrypoint, each Tune trial's driver), e.g. "
+        "{draftray_head: 0.001} pins them to the CPU head of cluster.yaml; {} = anywhere",
+    )
 
 
 class RunConfig(_Strict):
@@ -271,7 +292,24 @@ class Config(_Strict):
             raise ValueError("data.eval_images: validation edits need an InstructPix2Pix UNet (trainable.unet_in_channels: 8)")
         if self.data.cache_text_embeddings and (self.trainable.text_encoder != "none" or self.trainable.tokens):
             raise ValueError("data.cache_text_embeddings: the text encoder trains (trainable.text_encoder or tokens); its states cannot be cached")
+        self._strategy_fits()
         return self
+
+    def _strategy_fits(self) -> None:
+        """ray.strategy fsdp/deepspeed shard the full UNet in float32 (docs/sharding.md); LoRA stays on ddp."""
+        r, t = self.ray, self.trainable
+        if r.strategy == "ddp":
+            return
+        if t.kind != "full":
+            raise ValueError(f"ray.strategy: {r.strategy} shards full fine-tuning (trainable.kind: full); LoRA's few weights train with ddp")
+        if t.text_encoder != "none" or t.tokens:
+            raise ValueError(f"ray.strategy: {r.strategy} shards the UNet only; trainable.text_encoder / trainable.tokens train with ddp")
+        if self.model.dtype == "float16":
+            raise ValueError(f"model.dtype: float16 loss scaling runs with ray.strategy ddp only; use bfloat16 with {r.strategy}")
+        if self.optim.name != "adamw":
+            raise ValueError(f"optim.name: {self.optim.name} runs with ray.strategy ddp only; {r.strategy} steps torch AdamW")
+        if r.strategy == "deepspeed" and r.zero_stage == 3:
+            raise ValueError("ray.zero_stage: 3 is not supported; to shard the parameters too use ray.strategy fsdp")
 
 
 # ---- loading ---------------------------------------------------------------------------------

@@ -13,6 +13,7 @@ import json
 import os
 from pathlib import Path
 
+import yaml
 from safetensors.torch import load_file
 
 from models.inference import aig_weights, lora_scale, parse_aig
@@ -23,9 +24,16 @@ from rayjobs.runlog import INFERENCE_FILE, read_metrics, save_grid
 
 
 def checkpoints(run_dir: Path) -> list[tuple[int, Path]]:
-    """(step, checkpoint directory) of every complete checkpoint under <run_dir>/checkpoints, by step."""
+    """(step, checkpoint directory) of every complete checkpoint of the run, by step: under
+    <run_dir>/checkpoints, or <ray.storage_path>/<run name> when the run's config sets a filesystem path
+    there (rayjobs/storage.py). With s3:// or gs:// storage there are none here to read."""
     found = {}
-    for state in Path(run_dir).glob("checkpoints/*/" + checkpoint.STATE):
+    config = Path(run_dir) / "config.yaml"
+    storage = (yaml.safe_load(config.read_text(encoding="utf-8")) or {}).get("ray", {}).get("storage_path") if config.is_file() else None
+    if storage and "://" in storage:
+        return []
+    pattern = f"{Path(run_dir).name}/*/" if storage else "checkpoints/*/"
+    for state in Path(storage or run_dir).glob(pattern + checkpoint.STATE):
         if (state.parent / checkpoint.WEIGHTS).is_file():
             found[json.loads(state.read_text(encoding="utf-8"))["step"]] = state.parent
     return sorted(found.items())

@@ -25,8 +25,8 @@ from models.export import export
 from models.objective import DenoiseSettings, Objective, Weights, kl_term, score_parts
 from models.policy import Policy
 from models.sampler import SamplerSettings, sample
-from rayjobs import checkpoint
 from models.textual_inversion import decay_norms_, trainable_rows
+from rayjobs import checkpoint, sharding
 from rayjobs.batches import Batches, mix_seed
 from rayjobs.class_images import generate_class_images, missing_indices
 from rayjobs.config import Config
@@ -110,10 +110,11 @@ class Worker:
         if cfg.data.cache_text_embeddings:
             model_id = f"{cfg.model.name_or_path}@{cfg.model.revision}/{cfg.model.dtype}"
             self.policy.text_cache = TextEmbeddingCache(Path(cfg.run.output_dir) / ".cache" / "text", model_id)
-        if ctx.world_size > 1:
-            # DDP averages gradients across ranks in backward. LoRA/full leave no unused parameters.
-            ids = [ctx.device.index] if ctx.device.type == "cuda" else None
-            self.policy.net = torch.nn.parallel.DistributedDataParallel(self.policy.unet, device_ids=ids)
+        # float16 only: dynamic loss scaling (a no-op pass-through otherwise; model.dtype)
+        scaler = torch.amp.GradScaler(ctx.device.type, enabled=self.dtype == torch.float16)
+        # ddp / fsdp / deepspeed (ray.strategy): wraps or shards the UNet, then builds the optimizer over it
+        self.strategy = sharding.build(cfg, ctx, scaler)
+        self.optimizer = self.strategy.setup(self.policy, lambda policy: build_optimizer(policy, cfg.optim))
         self.reward = rewards.build_reward_sum(cfg.reward.specs())  # also the evaluation's, whatever the weights
         if isinstance(self.reward, torch.nn.Module):
             # Frozen reward weights in the compute dtype (bf16 on GPU): half the memory, bf16 activations.
@@ -124,13 +125,20 @@ class Worker:
         reward_w, kl, denoise, prior, dropout = o.weights
         supervised = DenoiseSettings(o.min_snr_gamma, o.noise_offset, o.prediction_target, dropout)
         self.objective = Objective(Weights(reward_w, kl, denoise, prior), self.settings, self.reward, supervised)
-        self.params = self.policy.parameters()
-        self.optimizer = build_optimizer(self.policy, cfg.optim)
+        self.params = self.policy.parameters()  # after setup: FSDP's are DTensor shards
         self.schedule = build_schedule(self.optimizer, cfg.optim)
         self.ema = EMA(self.params, t.ema_decay) if t.ema_decay else None
-        # float16 only: dynamic loss scaling (a no-op pass-through otherwise; model.dtype)
-        self.scaler = torch.amp.GradScaler(ctx.device.type, enabled=self.dtype == torch.float16)
+        self._plain_depth = 0  # Worker.unwrapped nesting
         self.batches = Batches(cfg, self.policy, ctx.rank)
+
+    @property
+    def scaler(self) -> torch.amp.GradScaler:
+        """float16's loss scaler; the strategy uses it in backward and step."""
+        return self.strategy.scaler
+
+    @scaler.setter
+    def scaler(self, value: torch.amp.GradScaler) -> None:
+        self.strategy.scaler = value
 
     def make_class_images(self) -> None:
         """DreamBooth's class images the class folder lacks, drawn by the model before it trains (every rank)."""
@@ -168,22 +176,20 @@ class Worker:
         ``stop_requested`` (rank 0's view of a stop request) travels in the same all-reduce, so every
         rank sees ``stop_requested`` > 0 in the result at the same step.
         Returns metrics including ``finite`` (0.0 when any rank saw a non-finite loss or
-        gradient norm, in which case no update was applied).
+        gradient norm, in which case no update was applied; under deepspeed the engine updates in
+        finish_grads and skips only a non-finite gradient norm itself, and the run stops either way).
         """
         accum = self.cfg.train.grad_accum
         self.optimizer.zero_grad(set_to_none=True)
         totals: dict[str, torch.Tensor] = {}
         for micro in range(accum):
-            last = micro == accum - 1
-            no_sync = self.policy.net.no_sync() if (not last and self.ctx.world_size > 1) else contextlib.nullcontext()
-            with no_sync, self.autocast():
+            with self.strategy.accumulate(micro == accum - 1), self.autocast():  # gradients reduced on the last
                 loss, metrics = self.objective(self.policy, self.batch(step, micro))
-                self.scaler.scale(loss / accum).backward()
+                self.strategy.backward(loss / accum)
             for k, v in metrics.items():
                 totals[k] = totals.get(k, 0.0) + v.float() / accum
         clip = self.cfg.optim.grad_clip if self.cfg.optim.grad_clip > 0 else math.inf
-        self.scaler.unscale_(self.optimizer)  # clip the true gradients (float16 loss scaling)
-        totals["grad_norm"] = torch.nn.utils.clip_grad_norm_(self.params, clip).float()
+        totals["grad_norm"] = self.strategy.finish_grads(self.optimizer, clip)  # the global norm, every rank
         keys = sorted(totals)
         stats = torch.stack([totals[k].to(self.ctx.device) for k in keys])  # [M]
         # float16: an overflowing gradient is the scaler's business (skip the step, halve the scale)
@@ -209,8 +215,7 @@ class Worker:
         finite, the same on every rank after DDP's all-reduce) skips the update, and the scale backs off."""
         out["lr"] = self.schedule.get_last_lr()[0]
         overflow = not math.isfinite(out["grad_norm"])
-        self.scaler.step(self.optimizer)  # optimizer.step() unless float16 found an inf
-        self.scaler.update()
+        self.strategy.step(self.optimizer)
         if self.scaler.is_enabled():
             out["loss_scale"], out["overflow"] = self.scaler.get_scale(), float(overflow)
         if not overflow:
@@ -253,18 +258,32 @@ class Worker:
 
     @contextlib.contextmanager
     def unwrapped(self):
-        """policy.net is the bare UNet meanwhile: evaluation runs on rank 0 alone, so not through DDP."""
-        net, self.policy.net = self.policy.net, self.policy.unet
-        try:
+        """policy.net and policy.unet are the plain full UNet meanwhile (not DDP, not FSDP shards), so rank 0
+        can sample and export alone. Collective under fsdp (the full weights are gathered onto rank 0):
+        every rank enters it at the same point (train_loop). Nested uses are free."""
+        if self._plain_depth:
             yield
+            return
+        comps = self.policy.components
+        net, unet = self.policy.net, comps.unet
+        self._plain_depth += 1
+        try:
+            with self.strategy.plain_unet(self.policy) as plain:
+                if plain is not None:  # None: not rank 0 under fsdp (nothing to run here)
+                    self.policy.net = comps.unet = plain
+                yield
         finally:
-            self.policy.net = net
+            self.policy.net, comps.unet = net, unet
+            self._plain_depth -= 1
+
+    def _ema_state(self) -> dict[str, torch.Tensor]:
+        """The averages, prefixed: they travel with the weights (sharded like them under fsdp)."""
+        return {f"{EMA_PREFIX}{k}": v for k, v in self.ema.state_dict().items()} if self.ema is not None else {}
 
     def save(self, directory: Path, step: int) -> None:
-        weights = self.policy.trainable_state_dict()
-        if self.ema is not None:  # the averages travel with the weights, prefixed
-            weights |= {f"{EMA_PREFIX}{k}": v for k, v in self.ema.state_dict().items()}
-        checkpoint.save(directory, self.ctx.rank, step, weights, self.optimizer, self.schedule, self.scaler)
+        """Every rank: the strategy writes what is sharded; checkpoint.save the rest (rank 0) and the RNG files."""
+        weights, optimizer = self.strategy.save(directory, self.policy, self.optimizer, self._ema_state())
+        checkpoint.save(directory, self.ctx.rank, step, weights, optimizer, self.schedule, self.scaler)
 
     def restore(self) -> int:
         """Loads the latest checkpoint if there is one; returns the optimizer steps already done."""
@@ -272,8 +291,8 @@ class Worker:
             if directory is None:
                 return 0
             step, weights = checkpoint.load(directory, self.ctx.rank, self.optimizer, self.schedule, self.scaler)
-        ema = {k[len(EMA_PREFIX) :]: v for k, v in weights.items() if k.startswith(EMA_PREFIX)}
-        self.policy.load_trainable_state_dict({k: v for k, v in weights.items() if not k.startswith(EMA_PREFIX)})
+            extra = self.strategy.load(directory, self.policy, self.optimizer, weights, self._ema_state())
+        ema = {k[len(EMA_PREFIX) :]: v for k, v in extra.items()}
         if self.ema is not None and ema:
             self.ema.load_state_dict(ema)
         return step
@@ -288,11 +307,12 @@ def train_loop(cfg: Config, run_dir: Path, ctx: WorkerContext) -> None:
     log = RunLog(run_dir) if ctx.rank == 0 else None
     total, every = cfg.train.steps, cfg.train.eval_every
     try:
-        if log is not None:
-            if start == 0:
-                _evaluate(worker, log, 0)
-            else:
-                log.log(start, {"resumed_from_step": start})
+        if start == 0:
+            with worker.unwrapped():  # every rank: collective under fsdp
+                if log is not None:
+                    _evaluate(worker, log, 0)
+        if log is not None and start > 0:
+            log.log(start, {"resumed_from_step": start})
         for step in range(start, total):
             t0 = time.perf_counter()
             metrics = worker.train_step(step, ctx.rank == 0 and (run_dir / STOP_REQUEST).exists())
@@ -309,15 +329,18 @@ def train_loop(cfg: Config, run_dir: Path, ctx: WorkerContext) -> None:
                 log.log(done, metrics)
             is_eval = done == total or (every and done % every == 0)
             is_ckpt = done == total or done % cfg.train.checkpoint_every == 0
-            if is_eval and log is not None:
-                metrics.update(_evaluate(worker, log, done))
+            if is_eval:
+                with worker.unwrapped():  # every rank: collective under fsdp
+                    if log is not None:
+                        metrics.update(_evaluate(worker, log, done))
             if is_eval or is_ckpt:
                 _report(worker, ctx, done, metrics, is_ckpt)
-        if log is not None:
-            if worker.ema is not None:
-                worker.ema.swap()  # export the averaged weights (trainable.ema_decay)
-            export(worker.policy, run_dir / "export")
-            log.compare(0, total)
+        if worker.ema is not None:
+            worker.ema.swap()  # export the averaged weights (trainable.ema_decay); every rank: fsdp swaps shards
+        with worker.unwrapped():  # every rank: collective under fsdp
+            if log is not None:
+                export(worker.policy, run_dir / "export")
+                log.compare(0, total)
     finally:
         if log is not None:
             log.close()

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import time
 from pathlib import Path
 
@@ -165,7 +166,11 @@ STATUS_FILE = "trial.json"  # a sweep trial's state: {"status": running|done|fai
 
 
 def write_status(run_dir: Path, status: str, error: str = "") -> None:
-    (Path(run_dir) / STATUS_FILE).write_text(json.dumps({"status": status, "error": error}) + "\n", encoding="utf-8")
+    """Atomically (a temp file, then os.replace): the sweep driver and its tests read it while trials run."""
+    path = Path(run_dir) / STATUS_FILE
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps({"status": status, "error": error}) + "\n", encoding="utf-8")
+    os.replace(tmp, path)
 
 
 def read_status(run_dir: Path) -> dict:

@@ -30,6 +30,7 @@ from rayjobs.config_sweep import ParamSpec
 from rayjobs.errors import TrainingStopped, UserError
 from rayjobs.pareto import TRIALS, build_outputs, diversity_key, get_dotted
 from rayjobs.runlog import STOP_REQUEST, Watcher, new_records, read_metrics, read_status, write_status
+from rayjobs.storage import check_storage, cluster_nodes, pull_run_dir, sync_run_dir
 from rayjobs.sweep_resources import ReleaseTrainResources
 from rayjobs.train import connect, preflight, prepare_run_dir, run_trainer
 
@@ -124,6 +125,8 @@ def _trial(params: dict, *, base: dict, trials_dir: str, report_metric: str, kee
         raise
     finally:
         finished.set()
+        if cfg.ray.storage_path:  # rank 0 may have run on another node: its metrics and grids, here
+            pull_run_dir(run_dir, cfg.ray.storage_path, run_dir.name)
     write_status(run_dir, "done")
 
 
@@ -207,7 +210,8 @@ def _trainable(cfg: Config, out: Path):
     # The trial driver itself takes no CPU: a fractional CPU per driver (0.01) left 1.98 of 2 CPUs for two
     # concurrent 1-CPU trials, so one waited, and a lingering stopped driver could starve the sweep.
     # Tune refuses an all-zero request, so the driver reserves 1 byte of memory instead.
-    return tune.with_resources(fn, {"cpu": 0, "memory": 1})
+    # ray.driver_resources (e.g. {draftray_head: 0.001}) pins the drivers to cluster.yaml's CPU head.
+    return tune.with_resources(fn, {"cpu": 0, "memory": 1, **cfg.ray.driver_resources})
 
 
 def sweep_dir_for(cfg: Config) -> Path:
@@ -226,6 +230,7 @@ def run_sweep(cfg: Config, verbose: bool = False) -> Path:
         raise UserError(f"sweep.name: {out} already holds a sweep; `draftray sweep --resume {out}` continues it, or pick another sweep.name")
     started = connect(cfg, verbose)
     try:
+        check_storage(cfg.ray.storage_path, cluster_nodes())
         check_resources(variants)
         out.mkdir(parents=True, exist_ok=True)
         (out / "sweep.yaml").write_text(to_yaml(cfg), encoding="utf-8")
@@ -251,6 +256,7 @@ def resume_sweep(sweep_dir: str | Path, verbose: bool = False) -> Path:
     variants = check_sweep(cfg, cfg.model_dump(mode="json"))
     started = connect(cfg, verbose)
     try:
+        check_storage(cfg.ray.storage_path, cluster_nodes())
         check_resources(variants)
         tuner = tune.Tuner.restore(str(out / TUNE), _trainable(cfg, out), resume_unfinished=True, resume_errored=False)
         return _finish(cfg, out, tuner)
@@ -274,6 +280,8 @@ def _finish(cfg: Config, out: Path, tuner: tune.Tuner) -> Path:
     _final_status(trials, results)
     _inference_points(cfg, trials)
     build_outputs(out, cfg)
+    if cfg.ray.storage_path:  # the front, trials.csv and summary next to the trials' checkpoints
+        sync_run_dir(out, cfg.ray.storage_path, out.name)
     failed = [r for r in results if r.error is not None]
     if failed:
         raise TrainingStopped(f"{len(failed)} of {len(results)} trials failed (their errors are in {out / 'trials.csv'}); the front uses the rest")
@@ -306,6 +314,10 @@ def _inference_points(cfg: Config, trials: Path) -> None:
     knobs = cfg.sweep.inference
     run_dirs = _run_dirs(trials)
     if not (knobs.lora_scales or knobs.aig) or not run_dirs:
+        return
+    if "://" in (cfg.ray.storage_path or ""):
+        print(f"sweep: inference-time points skipped: they read checkpoints from a filesystem, and ray.storage_path is "
+              f"{cfg.ray.storage_path} (docs/cluster.md)", file=sys.stderr, flush=True)  # fmt: skip
         return
     print(f"sweep: inference-time points ({len(knobs.lora_scales)} LoRA scales, {len(knobs.aig)} AIG schedules) "
           f"on the checkpoints of {len(run_dirs)} trials", file=sys.stderr, flush=True)  # fmt: skip

@@ -22,6 +22,7 @@ from rayjobs.config import Config, to_yaml
 from rayjobs.config_reward import DiversityConfig
 from rayjobs.errors import TrainingStopped, UserError
 from rayjobs.runlog import METRICS_FILE, PLACEMENT_GROUPS, STOP_FILE, STOP_REQUEST, Watcher, new_records, read_metrics
+from rayjobs.storage import check_storage, cluster_nodes, pull_run_dir, sync_run_dir
 
 # torch, diffusers and the rewards are imported where used: a sweep's trial actors and Train's
 # controller import this module too and need none of them (each import costs seconds per trial).
@@ -32,16 +33,23 @@ CHECKPOINTS = "checkpoints"
 class RayContext:
     """The WorkerContext of a Ray Train worker."""
 
-    def __init__(self):
+    def __init__(self, run_dir: Path, storage_path: str | None = None):
         ctx = ray.train.get_context()
         self.rank = ctx.get_world_rank()
         self.world_size = ctx.get_world_size()
         self.device = ray.train.torch.get_device()
+        self.run_dir, self.storage_path = Path(run_dir), storage_path
 
     def report(self, metrics: dict, checkpoint_dir: Path | None) -> None:
         ckpt = ray.train.Checkpoint.from_directory(str(checkpoint_dir)) if checkpoint_dir else None
         # Every rank's files land in one directory per step (rank 0: weights, all: RNG state).
         ray.train.report(metrics, checkpoint=ckpt, checkpoint_dir_name=f"step_{metrics['step']:06d}" if ckpt else None)
+        self.sync()
+
+    def sync(self) -> None:
+        """Rank 0 copies the run directory next to the checkpoints in ray.storage_path (rayjobs/storage.py)."""
+        if self.rank == 0 and self.storage_path:
+            sync_run_dir(self.run_dir, self.storage_path, self.run_dir.name)
 
     @contextlib.contextmanager
     def latest_checkpoint(self):
@@ -57,10 +65,13 @@ def _worker_entry(config: dict) -> None:
     from rayjobs.loop import train_loop
 
     cfg = Config.model_validate(config["cfg"])
-    ctx = RayContext()
+    ctx = RayContext(Path(config["run_dir"]), cfg.ray.storage_path)
     if ctx.rank == 0:
         record_placement_group(Path(config["run_dir"]))
+        if cfg.ray.storage_path:
+            pull_run_dir(Path(config["run_dir"]), cfg.ray.storage_path, Path(config["run_dir"]).name)
     train_loop(cfg, Path(config["run_dir"]), ctx)
+    ctx.sync()  # the export and the last metrics
 
 
 def record_placement_group(run_dir: Path) -> None:
@@ -195,6 +206,7 @@ def fit(cfg: Config, verbose: bool = False) -> Path:
     run_dir = run_dir_for(cfg)
     started = connect(cfg, verbose)
     try:
+        check_storage(cfg.ray.storage_path, cluster_nodes())
         prepare_run_dir(cfg, run_dir)
         run_trainer(cfg, run_dir)
     finally:
@@ -237,7 +249,10 @@ def _fit_trainer(cfg: Config, run_dir: Path, callbacks: list, progress: bool, ke
         train_loop_config={"cfg": cfg.model_dump(mode="json"), "run_dir": str(run_dir)},
         torch_config=TorchConfig(backend="nccl" if r.use_gpu else "gloo"),
         scaling_config=ray.train.ScalingConfig(
-            num_workers=r.num_workers, use_gpu=r.use_gpu, resources_per_worker={"CPU": r.cpus_per_worker}
+            num_workers=r.num_workers,
+            use_gpu=r.use_gpu,  # adds GPU: 1 per worker
+            resources_per_worker={"CPU": r.cpus_per_worker, **r.resources_per_worker},
+            accelerator_type=r.accelerator_type,
         ),
         run_config=ray.train.RunConfig(
             name=run_dir.name if r.storage_path else CHECKPOINTS,  # same name in the same storage = resume

@@ -1,0 +1,80 @@
+"""Two Ray nodes on one host (ray.cluster_utils.Cluster, 1 CPU each), shared local storage: a 2-worker run
+spreads over both nodes, a sweep runs 2 trials at once across them, and local storage is refused.
+
+A separate cluster from tests/test_ray.py's (module-scoped: it is shut down before that module starts).
+"""
+
+import os
+from pathlib import Path
+
+import pytest
+
+from rayjobs.config import load_config
+from rayjobs.errors import UserError
+from rayjobs.runlog import PLACEMENT_GROUPS, read_metrics
+
+pytestmark = pytest.mark.ray
+
+FAST = ["sampler.steps=3", "sampler.truncation_steps=1", "data.eval_prompts=[a red circle]", "data.eval_seeds=[0,1]",
+        "train.batch_size=1", "train.eval_every=0", "model.name_or_path=tiny", "reward.name=colorfulness",
+        "diversity.name=pairwise_rms"]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def two_nodes():
+    import ray
+    from ray.cluster_utils import Cluster
+
+    os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.2")
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "include_dashboard": True, "dashboard_host": "127.0.0.1"})
+    cluster.add_node(num_cpus=1)
+    cluster.wait_for_nodes()
+    ray.init(address=cluster.address, log_to_driver=False)
+    yield cluster
+    ray.shutdown()
+    cluster.shutdown()
+
+
+def _cfg(tmp_path, *extra):
+    return load_config(None, FAST + [f"run.output_dir={tmp_path / 'runs'}", *extra])
+
+
+def test_a_multi_node_run_without_shared_storage_is_refused(two_nodes, tmp_path):
+    from rayjobs.train import fit
+
+    with pytest.raises(UserError, match=r"^ray.storage_path: this cluster has 2 nodes.*set ray.storage_path to s3://"):
+        fit(_cfg(tmp_path, "run.name=local"))
+    assert not (tmp_path / "runs" / "local").exists()  # refused before anything was written
+
+
+def test_two_workers_spread_over_both_nodes_with_shared_storage(two_nodes, tmp_path):
+    import ray
+    from rayjobs.train import fit
+
+    shared = tmp_path / "shared"
+    run = fit(_cfg(tmp_path, "run.name=spread", "ray.num_workers=2", "train.steps=2", "train.checkpoint_every=1", f"ray.storage_path={shared}"))
+    pg = (run / PLACEMENT_GROUPS).read_text().split()[0]
+    nodes = set(ray.util.placement_group_table()[pg]["bundles_to_node_id"].values())
+    assert len(nodes) == 2  # one worker per node
+    stored = shared / "spread"
+    assert sorted(p.name for p in stored.glob("step_*")) == ["step_000001", "step_000002"]  # Ray Train's checkpoints
+    assert {"rng_rank0.pt", "rng_rank1.pt", "trainable.safetensors"} <= {p.name for p in (stored / "step_000002").iterdir()}
+    assert [m["step"] for m in read_metrics(stored) if "loss" in m] == [1, 2]  # synced by rank 0
+    assert (stored / "export" / "pytorch_lora_weights.safetensors").is_file() and (stored / "samples" / "step_000002.png").is_file()
+
+
+def test_a_sweep_runs_two_trials_at_once_across_the_nodes(two_nodes, tmp_path):
+    from rayjobs.sweep import run_sweep
+
+    cfg = _cfg(tmp_path, "train.steps=2", "train.eval_every=2", f"ray.storage_path={tmp_path / 'shared'}",
+               "sweep={name: two, params: {objective.kl_coeff: {grid: [0.0, 1.0]}}, inference: {lora_scales: [0.5]}}")  # fmt: skip
+    out = run_sweep(cfg)
+    spans = []
+    for trial in sorted((out / "trials").iterdir()):
+        times = [m["time"] for m in read_metrics(trial)]
+        spans.append((min(times), max(times)))
+    assert len(spans) == 2 and spans[0][0] < spans[1][1] and spans[1][0] < spans[0][1]  # the two trials overlapped
+    assert (out / "pareto.csv").is_file()
+    for trial in (out / "trials").iterdir():  # the knobs found the checkpoints in the storage
+        assert [r["step"] for r in read_metrics(trial, "inference.jsonl")] == [2]
+    assert (tmp_path / "shared" / "two" / "pareto.csv").is_file() and (tmp_path / "shared" / "two" / "summary.md").is_file()
