@@ -245,7 +245,7 @@ class RayConfig(_Strict):
         "tokens, float16), fsdp (torch FSDP2 fully_shard: parameters, gradients and AdamW state sharded; trainable.kind full, "
         "float32/bfloat16), deepspeed (ZeRO stage zero_stage; trainable.kind full, float32/bfloat16; pip install 'draftray[deepspeed]')",
     )
-    zero_stage: Literal[1, 2, 3] = Field(2, description="DeepSpeed ZeRO stage with strategy deepspeed: 1 shards the optimizer state, 2 also the gradients; 3 (parameters) is refused: use fsdp")
+    zero_stage: Literal[1, 2, 3] = Field(2, description="DeepSpeed ZeRO stage with strategy deepspeed: 1 shards the optimizer state, 2 also the gradients, 3 also the parameters (no trainable.ema_decay)")
     accelerator_type: str | None = Field(None, description="Ray accelerator type every worker needs, e.g. 'A100', 'H100' (Ray labels 40 GB and 80 GB A100s both 'A100')")
     resources_per_worker: dict[str, float] = Field(
         {}, description="extra custom resources each worker needs, e.g. {A100_80GB: 1} to tell 80 GB from 40 GB A100 nodes (cluster.yaml)"
@@ -308,8 +308,9 @@ class Config(_Strict):
             raise ValueError(f"model.dtype: float16 loss scaling runs with ray.strategy ddp only; use bfloat16 with {r.strategy}")
         if self.optim.name != "adamw":
             raise ValueError(f"optim.name: {self.optim.name} runs with ray.strategy ddp only; {r.strategy} steps torch AdamW")
-        if r.strategy == "deepspeed" and r.zero_stage == 3:
-            raise ValueError("ray.zero_stage: 3 is not supported; to shard the parameters too use ray.strategy fsdp")
+        if r.strategy == "deepspeed" and r.zero_stage == 3 and t.ema_decay:
+            # ZeRO-3 leaves each rank an empty placeholder per parameter: the EMA would average nothing
+            raise ValueError("trainable.ema_decay: the EMA reads whole parameters, which ray.zero_stage 3 partitions; use zero_stage 2 or ray.strategy fsdp")
 
 
 # ---- loading ---------------------------------------------------------------------------------

@@ -1,4 +1,4 @@
-"""How ranks share the trainable UNet (ray.strategy): ddp, fsdp (torch FSDP2) or deepspeed (ZeRO 1/2).
+"""How ranks share the trainable UNet (ray.strategy): ddp, fsdp (torch FSDP2) or deepspeed (ZeRO 1/2/3).
 
 One small interface, so ``Worker.train_step`` never branches on the strategy's name:
 
@@ -125,14 +125,9 @@ class FSDP(DDP):
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
         full = get_model_state_dict(self.unet, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-        if self.ctx.rank != 0:
-            yield None
-            return
-        with policy.reference() as ref:  # the frozen copy of the same architecture (full fine-tuning)
-            plain = copy.deepcopy(ref).to(torch.float32)
-        plain.load_state_dict(full)
-        del full
-        yield plain.to(self.ctx.device).requires_grad_(False)
+        plain = _plain_copy(policy, full, self.ctx) if self.ctx.rank == 0 else None
+        del full  # the host copy: not held while rank 0 works
+        yield plain
 
     def save(self, directory: Path, policy, optimizer, extra: dict) -> None:
         """Collective: DCP writes one shard file per rank (rank-distinct names) and rank 0 the metadata."""
@@ -155,25 +150,40 @@ class FSDP(DDP):
         return state["extra"]
 
 
+def _plain_copy(policy, full: dict, ctx) -> torch.nn.Module:
+    """Rank 0: a plain float32 UNet holding ``full`` (a gathered state dict on the host), on this rank's device."""
+    with policy.reference() as ref:  # the frozen copy of the same architecture (full fine-tuning)
+        plain = copy.deepcopy(ref).to(torch.float32)
+    plain.load_state_dict(full)
+    return plain.to(ctx.device).requires_grad_(False)
+
+
 class DeepSpeed(DDP):
-    """DeepSpeed ZeRO stage 1 (optimizer state sharded) or 2 (+ gradients); parameters stay whole per rank.
-    Our torch AdamW is handed to the engine (no FusedAdam: runs on CPU too); LR schedule and EMA stay ours."""
+    """DeepSpeed ZeRO stage 1 (optimizer state sharded), 2 (+ gradients) or 3 (+ parameters: the engine's
+    hooks all-gather each module's weights for its forward/backward and free them after).
+    Our torch AdamW is handed to the engine (no FusedAdam: runs on CPU too); LR schedule and EMA stay ours
+    (the EMA reads whole parameters: the config refuses it with stage 3)."""
+
+    # ZeRO-3: parameters under this many elements stay whole on every rank (fewer tiny all-gathers);
+    # None = DeepSpeed's default (1e5). tests/test_sharding.py sets 0 so every toy UNet weight is sharded.
+    persistence_threshold: int | None = None
 
     def __init__(self, ctx, scaler, zero_stage: int, grad_accum: int, grad_clip: float):
         super().__init__(ctx, scaler)
-        if zero_stage == 3:  # also refused by the config check; parameters sharded = use fsdp
-            raise RuntimeError("ray.zero_stage: 3 is not supported (parameter sharding: use ray.strategy fsdp)")
         self.zero_stage, self.grad_accum, self.grad_clip = zero_stage, grad_accum, grad_clip
 
     def setup(self, policy, build_optimizer):
         import deepspeed
 
         optimizer = build_optimizer(policy)
+        zero = {"stage": self.zero_stage}
+        if self.zero_stage == 3 and self.persistence_threshold is not None:
+            zero["stage3_param_persistence_threshold"] = self.persistence_threshold
         config = {
             "train_micro_batch_size_per_gpu": 1,  # bookkeeping only: batches are ours (train.batch_size)
             "gradient_accumulation_steps": self.grad_accum,
             "gradient_clipping": self.grad_clip,  # the global norm, as clip_grad_norm_ (optim.grad_clip)
-            "zero_optimization": {"stage": self.zero_stage},
+            "zero_optimization": zero,
             "steps_per_print": 2**31 - 1,
             "wall_clock_breakdown": False,
         }
@@ -200,10 +210,20 @@ class DeepSpeed(DDP):
 
     @contextlib.contextmanager
     def plain_unet(self, policy):
-        yield policy.unet  # ZeRO 1/2 keep the full (updated) parameters on every rank
+        """ZeRO 1/2 keep the full (updated) parameters on every rank: the UNet itself. ZeRO-3 as fsdp:
+        collective, one module at a time gathered into rank 0's host memory (the engine's consolidated
+        state dict, what its save_16bit_model writes); rank 0 gets a plain float32 copy, the others None."""
+        if self.zero_stage < 3:
+            yield policy.unet
+            return
+        full = self.engine._zero3_consolidated_16bit_state_dict()  # "16bit": the module's dtype, float32 here
+        plain = _plain_copy(policy, full, self.ctx) if self.ctx.rank == 0 else None
+        del full
+        yield plain
 
     def save(self, directory: Path, policy, optimizer, extra: dict):
-        """Collective: rank 0 writes the module, each rank its ZeRO optimizer partition (rank-distinct names)."""
+        """Collective: rank 0 writes the module (ZeRO-3: each rank its parameter partition), each rank its ZeRO
+        optimizer partition (float32 master weights + AdamW moments); all names rank-distinct."""
         extra = {k: v.detach().cpu() for k, v in extra.items()}  # the EMA: whole on every rank, kept by rank 0
         self.engine.save_checkpoint(str(Path(directory) / DS_DIR), tag=DS_TAG, client_state={"extra": extra}, save_latest=False)
         return {}, None

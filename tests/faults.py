@@ -5,6 +5,7 @@ They count training calls only (calls with grad enabled), so evaluation does not
 """
 
 import os
+import time
 from pathlib import Path
 
 import torch
@@ -44,3 +45,25 @@ class NaNFrom(_Counting):
     def forward(self, images, prompts):
         out = super().forward(images, prompts)
         return out * float("nan") if self.calls >= self.at_call else out
+
+
+class Rendezvous(Colorfulness):
+    """Waits at its first training call until ``parties`` workers have arrived (one file each in
+    ``directory``): it passes only if that many trials train at the same time, else it fails after
+    ``timeout`` seconds."""
+
+    def __init__(self, directory: str, parties: int, timeout: float = 180.0):
+        super().__init__()
+        self.dir, self.parties, self.timeout, self.arrived = Path(directory), parties, timeout, False
+
+    def forward(self, images, prompts):
+        if torch.is_grad_enabled() and not self.arrived:
+            self.dir.mkdir(parents=True, exist_ok=True)
+            (self.dir / str(os.getpid())).touch()
+            end = time.monotonic() + self.timeout
+            while (arrived := len(list(self.dir.iterdir()))) < self.parties:
+                if time.monotonic() > end:
+                    raise RuntimeError(f"rendezvous: {arrived} of {self.parties} trials arrived within {self.timeout} s")
+                time.sleep(0.1)
+            self.arrived = True
+        return super().forward(images, prompts)

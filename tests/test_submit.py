@@ -57,16 +57,27 @@ def head():
     proc = subprocess.Popen(command, env=env, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     saved = {k: os.environ.get(k) for k in ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN", "RAY_ADDRESS")}
     os.environ.update(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=token, RAY_ADDRESS=f"http://127.0.0.1:{dashboard}")
+    _reload_token()
     try:
         _wait_for_dashboard(dashboard)
         yield f"http://127.0.0.1:{dashboard}"
     finally:
         for k, v in saved.items():
             os.environ.pop(k, None) if v is None else os.environ.__setitem__(k, v)
+        _reload_token()
         for pid in [proc.pid, *_ours(token)]:
             with __import__("contextlib").suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
         proc.wait(30)
+
+
+def _reload_token() -> None:
+    """Ray caches the auth mode and the token per process: after an earlier cluster in this pytest run
+    they would shadow RAY_AUTH_MODE / RAY_AUTH_TOKEN (as ray's own _enable_token_auth re-reads them)."""
+    from ray._raylet import AuthenticationTokenLoader, Config
+
+    Config.initialize("")
+    AuthenticationTokenLoader.instance().reset_cache()
 
 
 def _wait_for_dashboard(port: int, seconds: float = 120) -> None:
