@@ -4,7 +4,7 @@
 DRaFT+ on the shipped toy-world model against the toy appeal reward
 (docs/toy-world.md), small enough for a 2-core CPU in minutes. YAML presets in configs/ override only what differs.
 Unknown keys are errors. Larger sections have their own files: rayjobs/config_data.py (data),
-rayjobs/config_reward.py (reward, diversity), rayjobs/config_sweep.py (sweep). Derived sizes:
+rayjobs/config_reward.py (reward, diversity), rayjobs/config_ray.py (ray), rayjobs/config_sweep.py (sweep). Derived sizes:
 
     global batch (prompts per optimizer step) = train.batch_size * train.grad_accum * ray.num_workers
     images per evaluation                     = len(data.eval_prompts) * len(data.eval_seeds)
@@ -20,6 +20,7 @@ import yaml
 from pydantic import Field, ValidationError, model_validator
 
 from rayjobs.config_data import DataConfig
+from rayjobs.config_ray import RayConfig
 from rayjobs.config_reward import DiversityConfig, RewardConfig
 from rayjobs.config_sweep import SweepConfig
 from rayjobs.errors import UserError
@@ -225,36 +226,6 @@ class TrainConfig(_Strict):
     eval_every: int = Field(25, ge=0, description="optimizer steps between evaluations (0: only before and after training)")
     checkpoint_every: int = Field(50, ge=1, description="optimizer steps between checkpoints (and always at the end)")
     seed: int = Field(0, description="base seed; rank r draws prompts and noise from a seed mixed from (seed, r, step, micro-batch)")
-
-
-class RayConfig(_Strict):
-    num_workers: int = Field(1, ge=1, description="Ray Train workers (data-parallel ranks)")
-    use_gpu: bool = Field(False, description="one GPU per worker, NCCL; False = CPU and gloo")
-    cpus_per_worker: float = Field(1.0, gt=0, description="CPU cores reserved per worker")
-    address: str | None = Field(None, description="Ray cluster to join ('auto', 'ray://host:10001'); None = $RAY_ADDRESS, else start a local Ray")
-    max_failures: int = Field(2, ge=0, description="times the worker group restarts from the latest checkpoint after a failure")
-    storage_path: str | None = Field(
-        None,
-        description="storage every node reaches: s3://, gs://, or a shared filesystem path (NFS/EFS/Filestore). Checkpoints, "
-        "metrics, samples and the export land under <storage_path>/<run name>/. None = local: <run dir>/checkpoints "
-        "(single node only; a multi-node cluster is refused up front)",
-    )
-    strategy: Literal["ddp", "fsdp", "deepspeed"] = Field(
-        "ddp",
-        description="how ranks share the trainable weights (docs/sharding.md): ddp (a full copy per rank; LoRA, text encoder, "
-        "tokens, float16), fsdp (torch FSDP2 fully_shard: parameters, gradients and AdamW state sharded; trainable.kind full, "
-        "float32/bfloat16), deepspeed (ZeRO stage zero_stage; trainable.kind full, float32/bfloat16; pip install 'draftray[deepspeed]')",
-    )
-    zero_stage: Literal[1, 2, 3] = Field(2, description="DeepSpeed ZeRO stage with strategy deepspeed: 1 shards the optimizer state, 2 also the gradients, 3 also the parameters (no trainable.ema_decay)")
-    accelerator_type: str | None = Field(None, description="Ray accelerator type every worker needs, e.g. 'A100', 'H100' (Ray labels 40 GB and 80 GB A100s both 'A100')")
-    resources_per_worker: dict[str, float] = Field(
-        {}, description="extra custom resources each worker needs, e.g. {A100_80GB: 1} to tell 80 GB from 40 GB A100 nodes (cluster.yaml)"
-    )
-    driver_resources: dict[str, float] = Field(
-        {},
-        description="custom resources of the thin drivers (a submitted job's entrypoint, each Tune trial's driver), e.g. "
-        "{draftray_head: 0.001} pins them to the CPU head of cluster.yaml; {} = anywhere",
-    )
 
 
 class RunConfig(_Strict):
