@@ -41,21 +41,31 @@ def run_uri(storage_path: str, name: str) -> str:
     return storage_path.rstrip("/") + "/" + name
 
 
-def sync_run_dir(run_dir: Path, storage_path: str, name: str) -> None:
-    """Copies the run directory's files to <storage_path>/<name>/ (pyarrow.fs: local paths, s3://, gs://)."""
+def sync_run_dir(run_dir: Path, storage_path: str, name: str, synced: dict | None = None) -> int:
+    """Copies the run directory's files to <storage_path>/<name>/ (pyarrow.fs: local paths, s3://, gs://).
+
+    ``synced`` (path -> (size, mtime_ns), kept by the caller across calls) skips the files unchanged since
+    the last copy, so a report uploads only what is new: grids, metrics.jsonl, the export. Returns the
+    number of files copied."""
     import pyarrow.fs as pafs
 
     dest_fs, dest = pafs.FileSystem.from_uri(run_uri(storage_path, name))
     if isinstance(dest_fs, pafs.LocalFileSystem) and Path(dest).resolve() == Path(run_dir).resolve():
-        return  # the run directory is already on the storage
-    local = pafs.LocalFileSystem()
-    for entry in sorted(Path(run_dir).iterdir()):
-        if entry.name in SKIPPED or entry.name.startswith("."):
+        return 0  # the run directory is already on the storage
+    synced = {} if synced is None else synced
+    local, copied = pafs.LocalFileSystem(), 0
+    for path in sorted(Path(run_dir).rglob("*")):
+        rel = path.relative_to(run_dir)
+        if rel.parts[0] in SKIPPED or any(p.startswith(".") for p in rel.parts) or not path.is_file():
             continue
-        target = f"{dest}/{entry.name}"
-        if entry.is_dir():
-            dest_fs.create_dir(target, recursive=True)
-        pafs.copy_files(str(entry), target, source_filesystem=local, destination_filesystem=dest_fs)
+        stat = path.stat()
+        if synced.get(str(rel)) == (stat.st_size, stat.st_mtime_ns):
+            continue
+        dest_fs.create_dir(dest if rel.parent == Path(".") else f"{dest}/{rel.parent.as_posix()}", recursive=True)
+        pafs.copy_files(str(path), f"{dest}/{rel.as_posix()}", source_filesystem=local, destination_filesystem=dest_fs)
+        synced[str(rel)] = (stat.st_size, stat.st_mtime_ns)
+        copied += 1
+    return copied
 
 
 PULLED = ("metrics.jsonl", "samples", "tensorboard")

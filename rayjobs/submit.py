@@ -76,6 +76,8 @@ def plan(args) -> tuple[str, str, dict]:
     if not config.is_relative_to(working):
         raise UserError(f"{args.config}: the config must be inside the uploaded working directory {working}; move it there or pass --working-dir")
     cfg = load_config(config, args.overrides)  # a bad config fails here, exit 2, nothing submitted
+    if args.sweep and cfg.sweep is None:
+        raise UserError(f"--sweep: {args.config} has no sweep: section (see configs/toy-kl-sweep.yaml), or submit without --sweep")
     key = "sweep.name" if args.sweep else "run.name"
     name = (cfg.sweep.name if args.sweep else cfg.run.name) or f"{'sweep' if args.sweep else cfg.objective.preset}-{datetime.now():%Y%m%d-%H%M%S}"
     command = ["python", "-m", "rayjobs.cli", "sweep" if args.sweep else "train", str(config.relative_to(working))]

@@ -39,6 +39,7 @@ class RayContext:
         self.world_size = ctx.get_world_size()
         self.device = ray.train.torch.get_device()
         self.run_dir, self.storage_path = Path(run_dir), storage_path
+        self.synced: dict = {}  # files already copied to the storage (rayjobs/storage.py)
 
     def report(self, metrics: dict, checkpoint_dir: Path | None) -> None:
         ckpt = ray.train.Checkpoint.from_directory(str(checkpoint_dir)) if checkpoint_dir else None
@@ -49,7 +50,7 @@ class RayContext:
     def sync(self) -> None:
         """Rank 0 copies the run directory next to the checkpoints in ray.storage_path (rayjobs/storage.py)."""
         if self.rank == 0 and self.storage_path:
-            sync_run_dir(self.run_dir, self.storage_path, self.run_dir.name)
+            sync_run_dir(self.run_dir, self.storage_path, self.run_dir.name, self.synced)
 
     @contextlib.contextmanager
     def latest_checkpoint(self):

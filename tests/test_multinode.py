@@ -77,3 +77,23 @@ def test_a_sweep_runs_two_trials_at_once_across_the_nodes(two_nodes, tmp_path):
     for trial in (out / "trials").iterdir():  # the knobs found the checkpoints in the storage
         assert [r["step"] for r in read_metrics(trial, "inference.jsonl")] == [2]
     assert (tmp_path / "shared" / "two" / "pareto.csv").is_file() and (tmp_path / "shared" / "two" / "summary.md").is_file()
+
+
+def test_sync_copies_only_what_changed_and_pull_restores_it(tmp_path):
+    from rayjobs.storage import pull_run_dir, sync_run_dir
+
+    run, store = tmp_path / "runs" / "r", str(tmp_path / "store")
+    (run / "samples").mkdir(parents=True)
+    (run / "checkpoints").mkdir()
+    (run / "checkpoints" / "w").write_text("Ray Train uploads these itself")
+    (run / ".placement_groups").write_text("local bookkeeping")
+    (run / "metrics.jsonl").write_text('{"step": 1}\n')
+    (run / "samples" / "step_000001.png").write_bytes(b"png")
+    seen: dict = {}
+    assert sync_run_dir(run, store, "r", seen) == 2 and sync_run_dir(run, store, "r", seen) == 0
+    with (run / "metrics.jsonl").open("a") as f:
+        f.write('{"step": 2}\n')
+    assert sync_run_dir(run, store, "r", seen) == 1  # only the grown metrics file
+    assert sorted(p.name for p in (tmp_path / "store" / "r").rglob("*")) == ["metrics.jsonl", "samples", "step_000001.png"]
+    elsewhere = tmp_path / "node2" / "r"  # rank 0 on another node after a restart
+    assert pull_run_dir(elsewhere, store, "r") == 2 and (elsewhere / "metrics.jsonl").read_text().count("step") == 2

@@ -2,12 +2,15 @@
 float32 (SD's VAE overflows in float16), skips an overflowing step instead of stopping, and resumes its scale."""
 
 import math
+import sys
 
+import pytest
 import torch
 
 from models.components import build_tiny, vae_precision
 from rayjobs import checkpoint
 from rayjobs.config import load_config
+from rayjobs.errors import UserError
 from rayjobs.loop import LocalContext, Worker
 from rayjobs.train import progress_fields
 from toydata import finetune_worker
@@ -92,10 +95,6 @@ def test_adamw8bit_keeps_8bit_moments_and_resumes_exactly(tmp_path):
 
 
 def test_adamw8bit_without_bitsandbytes_is_one_clear_error(tmp_path, monkeypatch):
-    import pytest
-
-    from rayjobs.errors import UserError
-
-    monkeypatch.setitem(__import__("sys").modules, "bitsandbytes", None)  # import fails as if not installed
+    monkeypatch.setitem(sys.modules, "bitsandbytes", None)  # import fails as if not installed
     with pytest.raises(UserError, match=r"^optim.name adamw8bit: bitsandbytes is not installed"):
         _worker(tmp_path, "optim.name=adamw8bit")

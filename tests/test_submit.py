@@ -2,6 +2,7 @@
 loopback, with its own temp dir, ports and auth token (token auth on, as Ray 2.60 defaults). Only the
 processes this module started are stopped, found by PID through the token in their environment."""
 
+import contextlib
 import os
 import secrets
 import signal
@@ -63,10 +64,13 @@ def head():
         yield f"http://127.0.0.1:{dashboard}"
     finally:
         for k, v in saved.items():
-            os.environ.pop(k, None) if v is None else os.environ.__setitem__(k, v)
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
         _reload_token()
         for pid in [proc.pid, *_ours(token)]:
-            with __import__("contextlib").suppress(ProcessLookupError):
+            with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
         proc.wait(30)
 
@@ -141,6 +145,8 @@ def test_bad_submissions_are_one_line_and_send_nothing(head, tmp_path, capsys):
     outside.write_text("train: {steps: 2}\n")
     assert main(["submit", str(outside), "--working-dir", str(ROOT)]) == 2
     assert "must be inside the uploaded working directory" in capsys.readouterr().err
+    assert main(["submit", str(ROOT / "configs" / "tiny.yaml"), "--sweep", "--working-dir", str(ROOT)]) == 2
+    assert "--sweep: " in capsys.readouterr().err
     assert main(["jobs", "status", "no-such-job"]) == 2
     assert main(["jobs", "list"]) == 0 and "bad" not in capsys.readouterr().out
 
