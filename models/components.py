@@ -1,11 +1,12 @@
-"""Stable Diffusion 1.x components: loaded from diffusers layout, or the built-in tiny model.
+"""Stable Diffusion 1.x and SDXL components: loaded from diffusers layout, or the built-in tiny models.
 
 ``load_components("tiny")`` builds a small SD-architecture model in code from a
 fixed seed (random weights, no download); ``"toy"`` is the pretrained toy-world
-model shipped in models/weights/toy; any other name is a local directory or hub id in
-diffusers layout (``unet/``, ``vae/``, ``text_encoder/``, ``tokenizer/``,
-``scheduler/``). All weights come back frozen (``requires_grad=False``); the
-adapters module decides what trains.
+model shipped in models/weights/toy; ``"tiny-sdxl"`` is a small SDXL-architecture model built in
+code (models/sdxl.py); any other name is a local directory or hub id in diffusers layout
+(``unet/``, ``vae/``, ``text_encoder/``, ``tokenizer/``, ``scheduler/``, and for SDXL
+``text_encoder_2/`` + ``tokenizer_2/``). All weights come back frozen (``requires_grad=False``);
+the adapters module decides what trains.
 """
 
 from __future__ import annotations
@@ -17,11 +18,12 @@ from pathlib import Path
 
 import torch
 from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
-from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
 from models.tokenizer import build_clip_tokenizer
 
 TINY = "tiny"
+TINY_SDXL = "tiny-sdxl"  # models/sdxl.build_tiny_sdxl
 TINY_SEED = 0  # the random tiny model's weights are a pure function of this seed
 TOY = "toy"
 # The toy world's pretrained model, shipped with the package (issue 3; model card in its README.md).
@@ -59,36 +61,69 @@ class ModelNotFoundError(FileNotFoundError):
 
 @dataclass
 class Components:
-    """The five pieces of a Stable Diffusion 1.x model."""
+    """The pieces of a Stable Diffusion model: SD 1.x has five, SDXL adds a second text encoder and tokenizer."""
 
     unet: UNet2DConditionModel
     vae: AutoencoderKL
     text_encoder: CLIPTextModel
     tokenizer: CLIPTokenizer
     scheduler: DDIMScheduler
+    text_encoder_2: CLIPTextModelWithProjection | None = None  # SDXL: OpenCLIP bigG, with the pooled projection
+    tokenizer_2: CLIPTokenizer | None = None  # SDXL
+    # SDXL: an empty negative prompt is all-zero states (model_index.json; diffusers' default True)
+    force_zeros_for_empty_prompt: bool = False
+
+    @property
+    def is_sdxl(self) -> bool:
+        return self.text_encoder_2 is not None
 
     @property
     def vae_scale_factor(self) -> int:
         """Pixels per latent cell along each side: 2 ** (number of VAE blocks - 1)."""
         return 2 ** (len(self.vae.config.block_out_channels) - 1)
 
+    @property
+    def text_encoders(self) -> list[torch.nn.Module]:
+        return [self.text_encoder] + ([self.text_encoder_2] if self.is_sdxl else [])
+
+    @property
+    def tokenizers(self) -> list[CLIPTokenizer]:
+        return [self.tokenizer] + ([self.tokenizer_2] if self.is_sdxl else [])
+
     def modules(self) -> dict[str, torch.nn.Module]:
-        return {"unet": self.unet, "vae": self.vae, "text_encoder": self.text_encoder}
+        mods = {"unet": self.unet, "vae": self.vae, "text_encoder": self.text_encoder}
+        return mods | ({"text_encoder_2": self.text_encoder_2} if self.is_sdxl else {})
 
     def pipeline(self):
-        """diffusers' StableDiffusionPipeline over these very modules (no safety checker, no progress bar)."""
-        from diffusers import StableDiffusionPipeline
+        """diffusers' StableDiffusionPipeline (SDXL: StableDiffusionXLPipeline) over these very modules
+        (no safety checker, no watermark, no progress bar)."""
+        if self.is_sdxl:
+            from diffusers import StableDiffusionXLPipeline
 
-        pipe = StableDiffusionPipeline(
-            vae=self.vae,
-            text_encoder=self.text_encoder,
-            tokenizer=self.tokenizer,
-            unet=self.unet,
-            scheduler=self.scheduler,
-            safety_checker=None,
-            feature_extractor=None,
-            requires_safety_checker=False,
-        )
+            pipe = StableDiffusionXLPipeline(
+                vae=self.vae,
+                text_encoder=self.text_encoder,
+                text_encoder_2=self.text_encoder_2,
+                tokenizer=self.tokenizer,
+                tokenizer_2=self.tokenizer_2,
+                unet=self.unet,
+                scheduler=self.scheduler,
+                force_zeros_for_empty_prompt=self.force_zeros_for_empty_prompt,
+                add_watermarker=False,
+            )
+        else:
+            from diffusers import StableDiffusionPipeline
+
+            pipe = StableDiffusionPipeline(
+                vae=self.vae,
+                text_encoder=self.text_encoder,
+                tokenizer=self.tokenizer,
+                unet=self.unet,
+                scheduler=self.scheduler,
+                safety_checker=None,
+                feature_extractor=None,
+                requires_safety_checker=False,
+            )
         pipe.set_progress_bar_config(disable=True)
         return pipe
 
@@ -145,48 +180,76 @@ def build_small_sd(
 
 def build_tiny(seed: int = TINY_SEED) -> Components:
     """A tiny SD-architecture model, seeded, frozen: 32 px images, 4x16x16 latents, 32-d text."""
-    return _frozen(build_small_sd(seed, vae_channels=(32, 64), unet_channels=(32, 64), image_size=32, text_dim=32, text_ff=64))
+    return frozen(build_small_sd(seed, vae_channels=(32, 64), unet_channels=(32, 64), image_size=32, text_dim=32, text_ff=64))
 
 
-def _frozen(comps: Components) -> Components:
+def frozen(comps: Components) -> Components:
     for module in comps.modules().values():
         module.requires_grad_(False)
         module.eval()
     return comps
 
 
-def load_components(name_or_path: str, revision: str | None = None) -> Components:
-    """Load SD 1.x components by name: ``tiny``, ``toy``, a local diffusers directory, or a hub id.
+def load_components(name_or_path: str, revision: str | None = None, vae: str | None = None) -> Components:
+    """Load components by name: ``tiny``, ``tiny-sdxl``, ``toy``, a local diffusers directory, or a hub id.
 
+    A directory or id with ``text_encoder_2/`` is SDXL (models/sdxl.py). ``vae``: another VAE in
+    diffusers layout (a directory with config.json, or a hub id), e.g. the fp16-fix SDXL VAE.
     Hub ids resolve only from the local Hugging Face cache unless the user has
     network access and HF_HUB_OFFLINE is unset; a miss raises ModelNotFoundError.
     """
-    if name_or_path == TINY:
-        return build_tiny()
-    check_model_source(name_or_path)
-    if name_or_path == TOY:
-        name_or_path = str(TOY_DIR)
-    kwargs = dict(revision=revision)
+    from models import sdxl
+
+    if name_or_path in (TINY, TINY_SDXL):
+        comps = build_tiny() if name_or_path == TINY else sdxl.build_tiny_sdxl()
+    else:
+        check_model_source(name_or_path)
+        if name_or_path == TOY:
+            name_or_path = str(TOY_DIR)
+        comps = _from_pretrained(name_or_path, revision, sdxl.is_sdxl_source(name_or_path, revision))
+    if vae is not None:
+        comps.vae = _pretrained(AutoencoderKL, vae, None, None).requires_grad_(False).eval()
+    return comps
+
+
+def _pretrained(cls, name_or_path: str, subfolder: str | None, revision: str | None):
     try:
-        comps = Components(
-            unet=UNet2DConditionModel.from_pretrained(name_or_path, subfolder="unet", **kwargs),
-            vae=AutoencoderKL.from_pretrained(name_or_path, subfolder="vae", **kwargs),
-            text_encoder=CLIPTextModel.from_pretrained(name_or_path, subfolder="text_encoder", **kwargs),
-            tokenizer=CLIPTokenizer.from_pretrained(name_or_path, subfolder="tokenizer", **kwargs),
-            scheduler=DDIMScheduler.from_pretrained(name_or_path, subfolder="scheduler", **kwargs),
-        )
+        return cls.from_pretrained(name_or_path, subfolder=subfolder, revision=revision)
     except (OSError, ValueError) as err:
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise ModelNotFoundError(f"model {name_or_path!r} could not be loaded: {first}") from err
-    return _frozen(comps)
+
+
+def _from_pretrained(name_or_path: str, revision: str | None, is_sdxl: bool) -> Components:
+    """SD 1.x loads its scheduler as DDIM (the training sampler's default); SDXL keeps its own
+    (EulerDiscreteScheduler in the released model), as the anchor's SDXL DRaFT+ samples with Euler."""
+    from models import sdxl
+
+    load = lambda cls, sub: _pretrained(cls, name_or_path, sub, revision)  # noqa: E731
+    parts = dict(
+        unet=load(UNet2DConditionModel, "unet"),
+        vae=load(AutoencoderKL, "vae"),
+        text_encoder=load(CLIPTextModel, "text_encoder"),
+        tokenizer=load(CLIPTokenizer, "tokenizer"),
+    )
+    if is_sdxl:
+        parts.update(
+            text_encoder_2=load(CLIPTextModelWithProjection, "text_encoder_2"),
+            tokenizer_2=load(CLIPTokenizer, "tokenizer_2"),
+            scheduler=sdxl.load_scheduler(name_or_path, revision),
+            force_zeros_for_empty_prompt=sdxl.force_zeros(name_or_path, revision),
+        )
+    else:
+        parts["scheduler"] = load(DDIMScheduler, "scheduler")
+    return frozen(Components(**parts))
 
 
 def check_model_source(name_or_path: str) -> None:
-    """Cheap check that a model name resolves offline: 'tiny', 'toy', or a diffusers-layout directory.
+    """Cheap check that a model name resolves offline: 'tiny', 'tiny-sdxl', 'toy', or a diffusers-layout directory.
 
     Hub ids (one '/', no such local path) are left to from_pretrained.
     """
-    if name_or_path == TINY:
+    if name_or_path in (TINY, TINY_SDXL):
         return
     if name_or_path == TOY:
         if not (TOY_DIR / "model_index.json").is_file():
@@ -195,15 +258,19 @@ def check_model_source(name_or_path: str) -> None:
     path = Path(name_or_path).expanduser()
     looks_local = path.is_absolute() or name_or_path.startswith(".") or path.exists()
     if looks_local or name_or_path.count("/") != 1:
-        missing = [sub for sub in ("unet", "vae", "text_encoder", "tokenizer", "scheduler") if not (path / sub).is_dir()]
+        subs = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
+        if (path / "text_encoder_2").is_dir() or (path / "tokenizer_2").is_dir():  # SDXL needs both
+            subs += ("text_encoder_2", "tokenizer_2")
+        missing = [sub for sub in subs if not (path / sub).is_dir()]
         if not path.is_dir():
             raise ModelNotFoundError(
-                f"model path {name_or_path!r} does not exist: give a diffusers-layout directory, a hub id, or 'tiny'"
+                f"model path {name_or_path!r} does not exist: give a diffusers-layout directory, a hub id, 'tiny' or 'tiny-sdxl'"
             )
         if missing:
             raise ModelNotFoundError(f"model path {name_or_path!r} lacks {', '.join(missing)}/ (diffusers layout expected)")
 
 
 def save_components(comps: Components, directory: str | os.PathLike) -> None:
-    """Write components in diffusers layout, model_index.json included (``StableDiffusionPipeline.from_pretrained``)."""
+    """Write components in diffusers layout, model_index.json included (``StableDiffusionPipeline.from_pretrained``,
+    ``StableDiffusionXLPipeline.from_pretrained`` for SDXL)."""
     comps.pipeline().save_pretrained(directory)

@@ -20,6 +20,7 @@ import torch
 from diffusers.utils.torch_utils import randn_tensor
 
 from models.components import vae_precision
+from models.conditioning import Conditioning
 from models.policy import Policy
 from models.sampler import SamplerSettings, decode
 from models.schedulers import scheduler_for, step_kwargs
@@ -95,6 +96,8 @@ def ip2p_denoise_inputs(
     """
     keep_image = (~drop_image).to(image_latents.dtype).reshape(-1, 1, 1, 1)  # [B, 1, 1, 1]
     unet_input = ip2p_inputs(noisy_latents, keep_image * image_latents)  # [B, 8, h, w]
+    if isinstance(text_embeds, Conditioning):  # the training step's: every text part of a dropped row is null
+        return unet_input, text_embeds.where(drop_text, null_text_embeds)
     null = null_text_embeds.to(text_embeds.dtype)
     hidden = torch.where(drop_text.reshape(-1, 1, 1), null, text_embeds)  # [B, L, D]
     return unet_input, hidden
@@ -102,6 +105,8 @@ def ip2p_denoise_inputs(
 
 def _check_edit_inputs(policy: Policy, prompts, pixels: torch.Tensor) -> None:
     comps = policy.components
+    if comps.is_sdxl:
+        raise ValueError("InstructPix2Pix editing is implemented for SD 1.x models; this one is SDXL")
     f = comps.vae_scale_factor
     if pixels.ndim != 4 or pixels.shape[1] != 3 or pixels.shape[0] != len(prompts):
         raise ValueError(
@@ -152,7 +157,7 @@ def edit(
     scheduler = scheduler_for(comps.scheduler, settings.scheduler)
     three = settings.guidance > 1.0 and image_guidance_scale >= 1.0
     batch = len(prompts)
-    embeds = policy.encode_prompts(list(prompts) + [settings.negative_prompt] * batch)  # [2B, L, D]
+    embeds = policy.encode_prompts(list(prompts) + [settings.negative_prompt] * batch).states  # [2B, L, D]
     source = image_latents(comps.vae, image_pixels.to(device=device, dtype=embeds.dtype))  # [B, 4, h, w]
     cond, conditioning = _branches(embeds, source, three)
     scheduler.set_timesteps(settings.steps, device=device)  # also resets multistep state

@@ -17,7 +17,7 @@ from torch.utils.checkpoint import checkpoint
 
 from models.components import vae_precision
 from models.ip2p import dropout_masks, ip2p_denoise_inputs
-from models.policy import Policy
+from models.policy import Policy, unet_eps
 from models.sampler import SamplerSettings, sample
 
 Reward = Callable[[torch.Tensor, list[str]], torch.Tensor]  # (images [B,3,H,W] in [0,1], prompts) -> [B]
@@ -115,7 +115,10 @@ class Objective:
         sampler: SamplerSettings,
         reward: Reward | None = None,
         denoise: DenoiseSettings = DenoiseSettings(),
+        reward_checkpointing: bool = False,
     ):
+        """``reward_checkpointing``: keep no activations of the reward model for backward, recompute
+        them there (a ViT-H reward on a batch of 224 px crops holds GBs; one more reward forward)."""
         if not (weights.reward or weights.kl or weights.denoise or weights.prior):
             raise ValueError("at least one term weight must be non-zero")
         if (weights.reward or weights.kl) and reward is None:
@@ -124,6 +127,7 @@ class Objective:
         self.sampler = sampler
         self.reward = reward
         self.denoise = denoise
+        self.reward_checkpointing = reward_checkpointing
 
     def __call__(self, policy: Policy, batch: dict) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         total, metrics = 0.0, {}
@@ -143,7 +147,10 @@ class Objective:
 
     def _sampled_terms(self, policy: Policy, batch: dict) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         out = sample(policy, batch["prompts"], self.sampler, batch["generator"], with_ref=self.w.kl > 0)
-        rewards, parts = score_parts(self.reward, out.images, batch["prompts"])  # [B], {name: [B]}
+        if self.reward_checkpointing and torch.is_grad_enabled():
+            rewards, parts = checkpoint(score_parts, self.reward, out.images, batch["prompts"], use_reentrant=False)
+        else:
+            rewards, parts = score_parts(self.reward, out.images, batch["prompts"])  # [B], {name: [B]}
         total = self.w.reward * reward_term(rewards)
         metrics = {"reward": rewards.detach().mean(), "reward_std": rewards.detach().std(unbiased=False)}
         metrics.update({f"reward/{name}": r.detach().mean() for name, r in parts.items()})
@@ -190,21 +197,19 @@ def denoise_loss(
     noisy = sched.add_noise(latents, noise, t)
     kind = sched.config.prediction_type if settings.target == "scheduler" else settings.target
     target = noise if kind == "epsilon" else sched.get_velocity(latents, noise, t)
-    cond = policy.encode_prompts(list(prompts))  # [B, L, D]
+    f = policy.components.vae_scale_factor
+    # SDXL micro-conditioning: the training image's size, uncropped (the data layer resizes and centre-crops)
+    cond = policy.encode_prompts(list(prompts)).with_size(latents.shape[2] * f, latents.shape[3] * f)  # [B]
     if cond_latents is not None:
         drop_text, drop_image = (m.to(latents.device) for m in dropout_masks(b, settings.conditioning_dropout, generator))  # [B], [B]
-        null = policy.encode_prompts([""])  # [1, L, D]
+        null = policy.encode_prompts([""])  # [1]
         noisy, cond = ip2p_denoise_inputs(noisy, cond_latents.to(noisy.dtype), cond, null, drop_text, drop_image)  # [B, 2C, h, w]
     if policy.gradient_checkpointing and torch.is_grad_enabled():  # recompute the UNet's activations in backward
-        pred = checkpoint(_unet_eps, policy.net, noisy, t, cond, use_reentrant=False)
+        pred = checkpoint(unet_eps, policy.net, noisy, t, cond, use_reentrant=False)
     else:
-        pred = _unet_eps(policy.net, noisy, t, cond)
+        pred = unet_eps(policy.net, noisy, t, cond)
     weight = None if settings.min_snr_gamma is None else min_snr_weight(snr(sched.alphas_cumprod, t), settings.min_snr_gamma, kind)
     return denoise_term(pred, target, weight, mask)
-
-
-def _unet_eps(net, x: torch.Tensor, t: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
-    return net(x, t, encoder_hidden_states=cond, return_dict=False)[0]
 
 
 def encode_pixels(policy: Policy, pixels: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:

@@ -17,6 +17,7 @@ import torch
 from peft import LoraConfig
 
 from models.components import Components
+from models.conditioning import Conditioning, as_conditioning
 from models.textual_inversion import expand_prompt, trainable_rows
 
 Trainable = Literal["lora", "full", "none"]
@@ -43,8 +44,8 @@ class Policy:
         (models/textual_inversion.add_placeholder) -> their vector counts; their rows train."""
         self.components = components
         self.tokens = dict(tokens or {})
-        # (prompts, encode, device) -> [B, L, D]; used only while no text weight trains (rayjobs/text_cache.py)
-        self.text_cache: Callable[[list[str], Callable, torch.device], torch.Tensor] | None = None
+        # (prompts, encode, device) -> Conditioning [B]; used only while no text weight trains (rayjobs/text_cache.py)
+        self.text_cache: Callable[[list[str], Callable, torch.device], Conditioning] | None = None
         self.text_trainable = self._text_trainable(text_encoder, lora_rank, lora_alpha)
         self.trainable = trainable
         self.gradient_checkpointing = gradient_checkpointing
@@ -75,33 +76,39 @@ class Policy:
         return self.components.unet
 
     def _text_trainable(self, kind: Trainable, rank: int, alpha: float | None) -> bool:
-        """Set up the text encoder's trainable set; True when text embeddings need gradient."""
-        encoder = self.components.text_encoder
+        """Set up the text encoders' trainable set (SDXL: both, as diffusers' SDXL DreamBooth LoRA trains
+        both); True when text embeddings need gradient."""
+        if kind not in ("lora", "full", "none"):
+            raise ValueError(f"text_encoder must be 'lora', 'full' or 'none', got {kind!r}")
+        self.text_lora_config = None
         if kind == "lora":
             self.text_lora_config = LoraConfig(
                 r=rank, lora_alpha=alpha if alpha is not None else rank, init_lora_weights="gaussian", target_modules=list(TEXT_LORA_TARGETS)
             )
-            encoder.add_adapter(self.text_lora_config)
-        elif kind == "full":
-            self.text_lora_config = None
-            encoder.requires_grad_(True)
-            rows = trainable_rows(encoder)
-            if rows is not None:  # the frozen base table is a buffer; only the new rows are a parameter
-                rows.requires_grad_(True)
-        elif kind == "none":
-            self.text_lora_config = None
-        else:
-            raise ValueError(f"text_encoder must be 'lora', 'full' or 'none', got {kind!r}")
-        return kind != "none" or trainable_rows(encoder) is not None
+        for encoder in self.components.text_encoders:
+            if kind == "lora":
+                encoder.add_adapter(self.text_lora_config)
+            elif kind == "full":
+                encoder.requires_grad_(True)
+                rows = trainable_rows(encoder)
+                if rows is not None:  # the frozen base table is a buffer; only the new rows are a parameter
+                    rows.requires_grad_(True)
+        return kind != "none" or bool(self.token_rows())
+
+    def token_rows(self) -> list[torch.nn.Parameter]:
+        """The textual-inversion rows [n_new, D_i] of each text encoder that has new tokens (SDXL: two)."""
+        rows = [trainable_rows(encoder) for encoder in self.components.text_encoders]
+        return [r for r in rows if r is not None]
 
     def param_groups(self) -> dict[str, list[torch.nn.Parameter]]:
-        """Trainable parameters by optimizer group: unet, text_encoder, tokens (the new embedding rows).
-        Only non-empty groups appear."""
-        rows = trainable_rows(self.components.text_encoder)
+        """Trainable parameters by optimizer group: unet, text_encoder (both encoders on SDXL), tokens
+        (the new embedding rows). Only non-empty groups appear."""
+        rows = self.token_rows()
+        text = [p for e in self.components.text_encoders for p in e.parameters()]
         groups = {
             "unet": [p for p in self.unet.parameters() if p.requires_grad],
-            "text_encoder": [p for p in self.components.text_encoder.parameters() if p.requires_grad and p is not rows],
-            "tokens": [rows] if rows is not None and rows.requires_grad else [],
+            "text_encoder": [p for p in text if p.requires_grad and not any(p is r for r in rows)],
+            "tokens": [r for r in rows if r.requires_grad],
         }
         return {name: params for name, params in groups.items() if params}
 
@@ -110,35 +117,56 @@ class Policy:
         return [p for params in self.param_groups().values() for p in params]
 
     def named_trainable(self) -> dict[str, torch.nn.Parameter]:
-        """Trainable parameters by name: UNet names as they are, text-encoder ones prefixed ``text_encoder.``."""
+        """Trainable parameters by name: UNet names as they are, text-encoder ones prefixed ``text_encoder.``
+        (SDXL's second: ``text_encoder_2.``)."""
         named = {n: p for n, p in self.unet.named_parameters() if p.requires_grad}
-        text = self.components.text_encoder.named_parameters()
-        return named | {f"text_encoder.{n}": p for n, p in text if p.requires_grad}
+        for prefix, encoder in zip(("text_encoder", "text_encoder_2"), self.components.text_encoders):
+            named |= {f"{prefix}.{n}": p for n, p in encoder.named_parameters() if p.requires_grad}
+        return named
 
-    def encode_prompts(self, prompts: list[str]) -> torch.Tensor:
-        """Text embeddings [B, 77, D] the way StableDiffusionPipeline encodes them; with gradient only when
-        the text encoder or placeholder rows train. Multi-vector placeholders are spelled out first.
-        A ``text_cache`` serves prompts it has seen while nothing on the text path trains."""
+    def encode_prompts(self, prompts: list[str]) -> Conditioning:
+        """Text conditioning [B] the way StableDiffusionPipeline (SDXL: StableDiffusionXLPipeline) encodes
+        it; with gradient only when a text encoder or placeholder rows train. Multi-vector placeholders
+        are spelled out first. A ``text_cache`` serves prompts it has seen while nothing on the text path
+        trains. SDXL's time ids are not set here: they depend on the image size (Conditioning.with_size)."""
         if self.text_cache is not None and not self.text_trainable:
             device = next(self.components.text_encoder.parameters()).device
             return self.text_cache(list(prompts), self._encode, device)
         return self._encode(prompts)
 
-    def _encode(self, prompts: list[str]) -> torch.Tensor:
-        tok = self.components.tokenizer
+    def _encode(self, prompts: list[str]) -> Conditioning:
         prompts = [expand_prompt(p, self.tokens) for p in prompts] if self.tokens else list(prompts)
-        ids = tok(prompts, padding="max_length", max_length=tok.model_max_length, truncation=True, return_tensors="pt")
-        encoder = self.components.text_encoder
-        device = next(encoder.parameters()).device
         with torch.set_grad_enabled(torch.is_grad_enabled() and self.text_trainable):
-            return encoder(ids.input_ids.to(device))[0]
+            if not self.components.is_sdxl:
+                ids = _token_ids(self.components.tokenizer, prompts, self.components.text_encoder)
+                return Conditioning(self.components.text_encoder(ids)[0])  # last hidden states [B, 77, D]
+            states, pooled = [], None
+            for tok, encoder in zip(self.components.tokenizers, self.components.text_encoders):
+                out = encoder(_token_ids(tok, prompts, encoder), output_hidden_states=True)
+                if out[0].ndim == 2:  # CLIPTextModelWithProjection: text_embeds [B, P]
+                    pooled = out[0]
+                states.append(out.hidden_states[-2])  # SDXL conditions on the penultimate layer, [B, 77, D_i]
+            return Conditioning(torch.cat(states, dim=-1), pooled)  # [B, 77, D_1 + D_2], [B, P]
 
-    def eps(self, latents: torch.Tensor, t: torch.Tensor, cond: torch.Tensor, guidance: float) -> torch.Tensor:
+    def condition(self, prompts: list[str], negative_prompt: str, height: int, width: int) -> Conditioning:
+        """The CFG batch [uncond; cond] of 2B rows, sized for ``height`` x ``width`` images.
+
+        SDXL with ``force_zeros_for_empty_prompt`` (its released default) makes an empty negative prompt
+        all-zero states and pooled embedding, as StableDiffusionXLPipeline does for negative_prompt=None.
+        """
+        if self.components.force_zeros_for_empty_prompt and not negative_prompt:
+            cond = self.encode_prompts(list(prompts))
+            both = Conditioning.cat([cond.zeros_like(), cond])  # [2B]
+        else:
+            both = self.encode_prompts([negative_prompt] * len(prompts) + list(prompts))  # [2B]
+        return both.with_size(height, width)
+
+    def eps(self, latents: torch.Tensor, t: torch.Tensor, cond: Conditioning, guidance: float) -> torch.Tensor:
         """CFG-combined noise prediction of the trained UNet (with grad if enabled)."""
         return guided_eps(self.net, self._unet_input(latents), t, cond, guidance)
 
     @torch.no_grad()
-    def eps_ref(self, latents: torch.Tensor, t: torch.Tensor, cond: torch.Tensor, guidance: float) -> torch.Tensor:
+    def eps_ref(self, latents: torch.Tensor, t: torch.Tensor, cond: Conditioning, guidance: float) -> torch.Tensor:
         """CFG-combined noise prediction of the frozen reference, on the same x_t."""
         with self.reference() as ref:
             return guided_eps(ref, self._unet_input(latents), t, cond, guidance)
@@ -174,7 +202,7 @@ class Policy:
         AdamW updates exact; run forwards under torch.autocast when dtype is not float32.
         Under float16 the VAE stays float32: SD's VAE overflows in float16 (components.vae_precision).
         """
-        for module in (self.components.vae, self.components.text_encoder, self.unet, self._reference):
+        for module in (self.components.vae, *self.components.text_encoders, self.unet, self._reference):
             if module is not None:
                 module.to(device=device)
                 upcast = module is self.components.vae and dtype == torch.float16
@@ -199,15 +227,25 @@ class Policy:
                 param.copy_(state[name])
 
 
-def guided_eps(net: Callable, latents: torch.Tensor, t: torch.Tensor, cond: torch.Tensor, guidance: float) -> torch.Tensor:
+def _token_ids(tokenizer, prompts: list[str], encoder: torch.nn.Module) -> torch.Tensor:
+    """[B, 77] ids padded to the tokenizer's maximum length and truncated there, on the encoder's device."""
+    ids = tokenizer(prompts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True, return_tensors="pt")
+    return ids.input_ids.to(next(encoder.parameters()).device)
+
+
+def unet_eps(net: Callable, latents: torch.Tensor, t: torch.Tensor, cond: Conditioning | torch.Tensor) -> torch.Tensor:
+    """One UNet call: latents [B, C, h, w], cond [B] (a bare tensor is SD 1.x states) -> prediction [B, C_out, h, w]."""
+    return net(latents, t, **as_conditioning(cond).unet_kwargs(), return_dict=False)[0]
+
+
+def guided_eps(net: Callable, latents: torch.Tensor, t: torch.Tensor, cond: Conditioning, guidance: float) -> torch.Tensor:
     """eps_u + w (eps_c - eps_u), one batched UNet call on [uncond; cond] as diffusers does.
 
-    latents [B, C, h, w]; cond [2B, L, D] = cat(uncond_embeds, cond_embeds); returns [B, C, h, w].
+    latents [B, C, h, w]; cond [2B] = cat(uncond, cond) (Policy.condition); returns [B, C, h, w].
     guidance <= 1 skips the unconditional half (diffusers: do_classifier_free_guidance = w > 1).
     """
     if guidance <= 1.0:
-        batch = latents.shape[0]
-        return net(latents, t, encoder_hidden_states=cond[batch:], return_dict=False)[0]
+        return unet_eps(net, latents, t, cond[latents.shape[0]:])
     doubled = torch.cat([latents, latents])  # [2B, C, h, w]
-    eps_u, eps_c = net(doubled, t, encoder_hidden_states=cond, return_dict=False)[0].chunk(2)  # 2 x [B, C, h, w]
+    eps_u, eps_c = unet_eps(net, doubled, t, cond).chunk(2)  # 2 x [B, C, h, w]
     return eps_u + guidance * (eps_c - eps_u)

@@ -40,6 +40,7 @@ class SamplerSettings:
     width: int = 512  # pixels
     negative_prompt: str = ""  # the unconditional text ("" as in diffusers)
     gradient_checkpointing: bool = False  # recompute UNet activations of gradient steps in backward
+    vae_checkpointing: bool = False  # recompute the VAE decoder's activations in backward (1024 px SDXL: GBs)
     scheduler: str | None = None  # solver name in models.schedulers.SCHEDULERS; None: the components' own
 
     def __post_init__(self):
@@ -116,7 +117,7 @@ def _sample(policy, prompts, settings, generator, with_ref, track_grad, latents,
     comps = policy.components
     scheduler = scheduler_for(comps.scheduler, settings.scheduler)
     unet_param = next(comps.unet.parameters())
-    cond = policy.encode_prompts([settings.negative_prompt] * len(prompts) + list(prompts))  # [2B, L, D]
+    cond = policy.condition(list(prompts), settings.negative_prompt, settings.height, settings.width)  # [2B] uncond; cond
     scheduler.set_timesteps(settings.steps, device=unet_param.device)  # also resets multistep state
     timesteps = scheduler.timesteps  # PNDM may take more model calls than steps
     if blend is not None and len(blend) != len(timesteps):
@@ -142,7 +143,7 @@ def _sample(policy, prompts, settings, generator, with_ref, track_grad, latents,
                 if with_ref:
                     ref_all.append(policy.eps_ref(x_t, t, cond, settings.guidance))
             latents = scheduler.step(eps, t, latents, **extra, return_dict=False)[0]
-    images = decode(policy, latents, generator)
+    images = decode(policy, latents, generator, checkpointed=track_grad and settings.vae_checkpointing)
     return SampleOutput(
         images=images,
         latents=latents,
@@ -152,9 +153,22 @@ def _sample(policy, prompts, settings, generator, with_ref, track_grad, latents,
     )
 
 
-def decode(policy: Policy, latents: torch.Tensor, generator=None) -> torch.Tensor:
-    """Latents -> images in [0, 1] through the frozen VAE (differentiable), as the pipeline does."""
+def decode(policy: Policy, latents: torch.Tensor, generator=None, checkpointed: bool = False) -> torch.Tensor:
+    """Latents -> images in [0, 1] through the frozen VAE (differentiable), as the pipeline does.
+
+    ``checkpointed``: keep no decoder activations for backward, recompute them there (the decoder of a
+    1024 px image holds several GB of activations; the recomputation is one more decode).
+    """
     vae = policy.components.vae
     with vae_precision(vae, latents) as (latents,):
-        pixels = vae.decode(latents / vae.config.scaling_factor, return_dict=False, generator=generator)[0]  # [-1, 1]
+        scaled = latents / vae.config.scaling_factor
+        if checkpointed and torch.is_grad_enabled():
+            pixels = checkpoint(_vae_decode, vae, scaled, generator, use_reentrant=False)  # [-1, 1]
+        else:
+            pixels = _vae_decode(vae, scaled, generator)  # [-1, 1]
     return (pixels / 2 + 0.5).clamp(0, 1)
+
+
+def _vae_decode(vae, scaled_latents: torch.Tensor, generator) -> torch.Tensor:
+    """[B, 4, h, w] unscaled latents -> pixels [B, 3, H, W] in [-1, 1] (honours enable_slicing/enable_tiling)."""
+    return vae.decode(scaled_latents, return_dict=False, generator=generator)[0]

@@ -25,7 +25,7 @@ from models.export import export
 from models.objective import DenoiseSettings, Objective, Weights, kl_term, score_parts
 from models.policy import Policy
 from models.sampler import SamplerSettings, sample
-from models.textual_inversion import decay_norms_, trainable_rows
+from models.textual_inversion import decay_norms_
 from rayjobs import checkpoint, sharding
 from rayjobs.batches import Batches, mix_seed
 from rayjobs.class_images import generate_class_images, missing_indices
@@ -109,7 +109,7 @@ class Worker:
         self.policy.to(ctx.device, self.dtype)
         if cfg.data.cache_text_embeddings:
             model_id = f"{cfg.model.name_or_path}@{cfg.model.revision}/{cfg.model.dtype}"
-            self.policy.text_cache = TextEmbeddingCache(Path(cfg.run.output_dir) / ".cache" / "text", model_id)
+            self.policy.text_cache = TextEmbeddingCache(Path(cfg.run.output_dir) / ".cache" / "text", model_id, comps.is_sdxl)
         # float16 only: dynamic loss scaling (a no-op pass-through otherwise; model.dtype)
         scaler = torch.amp.GradScaler(ctx.device.type, enabled=self.dtype == torch.float16)
         # ddp / fsdp / deepspeed (ray.strategy): wraps or shards the UNet, then builds the optimizer over it
@@ -156,10 +156,10 @@ class Worker:
     def after_step(self) -> None:
         """Constraints and averages applied after each optimizer step (config options, any preset)."""
         target = self.cfg.trainable.token_norm_target
-        rows = trainable_rows(self.policy.components.text_encoder)
-        if target is not None and rows is not None:
+        if target is not None and self.policy.token_rows():
             lr = next(g["lr"] for g in self.optimizer.param_groups if g["name"] == "tokens")  # this step's
-            decay_norms_(rows.data, target, lr)
+            for rows in self.policy.token_rows():  # SDXL: each encoder's rows (their own scales)
+                decay_norms_(rows.data, target, lr)
         if self.ema is not None:
             self.ema.update()
 

@@ -2,7 +2,8 @@
 
 Before the Policy wraps them: the UNet input grows to 8 channels for InstructPix2Pix
 (models/ip2p.expand_unet_inputs, a no-op on an InstructPix2Pix base), and textual-inversion
-placeholders join the tokenizer and the text encoder (models/textual_inversion.add_placeholder).
+placeholders join the tokenizer and the text encoder (models/textual_inversion.add_placeholder;
+SDXL: both tokenizers and both encoders, exported as clip_l / clip_g).
 """
 
 from __future__ import annotations
@@ -30,7 +31,8 @@ def prepare_components(cfg: Config) -> tuple[Components, dict[str, int]]:
     tokens = {}
     for i, spec in enumerate(t.tokens):
         try:
-            add_placeholder(comps.tokenizer, comps.text_encoder, spec.token, spec.num_vectors, spec.init_token, generator)
+            for tok, encoder in zip(comps.tokenizers, comps.text_encoders):  # SDXL: the same token in both encoders
+                add_placeholder(tok, encoder, spec.token, spec.num_vectors, spec.init_token, generator)
         except ValueError as err:
             raise UserError(f"trainable.tokens.{i}: {err}") from None
         tokens[spec.token] = spec.num_vectors

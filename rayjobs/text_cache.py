@@ -17,42 +17,58 @@ from typing import Callable
 
 import torch
 
+from models.conditioning import Conditioning
 from rayjobs.latent_cache import LatentCache
 
 MEMORY_ENTRIES = 1024  # SD 1.5: 77 x 768 floats = 236 kB each in float32, so at most ~240 MB
 
 
 class TextEmbeddingCache:
-    """``cache(prompts, encode, device) -> [B, L, D]``, the same as ``encode(prompts)`` (Policy.encode_prompts)."""
+    """``cache(prompts, encode, device) -> Conditioning [B]``, the same as ``encode(prompts)`` (Policy.encode_prompts).
 
-    def __init__(self, directory: str | Path, model_id: str):
+    Per prompt it keeps the states [L, D] and, for SDXL, the pooled embedding [P] (a second disk entry).
+    """
+
+    def __init__(self, directory: str | Path, model_id: str, pooled: bool = False):
+        """pooled: the model is SDXL, so an entry is complete only with its pooled part."""
         self.disk = LatentCache(directory)
         self.model_id = model_id
-        self.memory: OrderedDict[str, torch.Tensor] = OrderedDict()
+        self.sdxl = pooled
+        self.memory: OrderedDict[str, Conditioning] = OrderedDict()
 
-    def __call__(self, prompts: list[str], encode: Callable[[list[str]], torch.Tensor], device: torch.device) -> torch.Tensor:
+    def __call__(self, prompts: list[str], encode: Callable[[list[str]], Conditioning], device: torch.device) -> Conditioning:
         found = {p: self._lookup(p, device) for p in dict.fromkeys(prompts)}
-        missing = [p for p, states in found.items() if states is None]
+        missing = [p for p, cond in found.items() if cond is None]
         if missing:
-            for p, states in zip(missing, encode(missing)):  # [M, L, D]: the misses in one batch
-                self.disk.store(self._key(p), states)
-                found[p] = states
-        for p, states in found.items():
-            self._remember(p, states)
-        return torch.stack([found[p] for p in prompts])  # [B, L, D]
+            encoded = encode(missing)  # [M]: the misses in one batch
+            for i, p in enumerate(missing):
+                row = encoded[i : i + 1]  # [1]
+                self.disk.store(self._key(p), row.states[0])  # [L, D]
+                if row.pooled is not None:
+                    self.disk.store(self._key(p, "pooled"), row.pooled[0])  # [P]
+                found[p] = row
+        for p, cond in found.items():
+            self._remember(p, cond)
+        return Conditioning.cat([found[p] for p in prompts])  # [B]
 
-    def _key(self, prompt: str) -> str:
-        return LatentCache.key("text", prompt, self.model_id)
+    def _key(self, prompt: str, part: str = "states") -> str:
+        # the states keep the key they had before SDXL, so existing caches stay valid
+        return LatentCache.key("text", prompt, self.model_id) if part == "states" else LatentCache.key("text", part, prompt, self.model_id)
 
-    def _lookup(self, prompt: str, device: torch.device) -> torch.Tensor | None:
+    def _lookup(self, prompt: str, device: torch.device) -> Conditioning | None:
         if prompt in self.memory:
             self.memory.move_to_end(prompt)
             return self.memory[prompt]
         states = self.disk.load(self._key(prompt))
-        return None if states is None else states.to(device)
+        if states is None:
+            return None
+        pooled = self.disk.load(self._key(prompt, "pooled")) if self.sdxl else None
+        if self.sdxl and pooled is None:
+            return None
+        return Conditioning(states[None].to(device), None if pooled is None else pooled[None].to(device))  # [1, L, D], [1, P]
 
-    def _remember(self, prompt: str, states: torch.Tensor) -> None:
-        self.memory[prompt] = states
+    def _remember(self, prompt: str, cond: Conditioning) -> None:
+        self.memory[prompt] = cond
         self.memory.move_to_end(prompt)
         while len(self.memory) > MEMORY_ENTRIES:
             self.memory.popitem(last=False)

@@ -73,13 +73,13 @@ def _caption_worker(tmp_path, *extra) -> Worker:
 def test_cached_text_states_equal_the_encoder_and_persist(tmp_path):
     worker = _caption_worker(tmp_path, "data.cache_text_embeddings=true")
     prompts = ["a red circle", "a blue square", "a red circle", ""]
-    cached = worker.policy.encode_prompts(prompts)  # [4, 77, D]
+    cached = worker.policy.encode_prompts(prompts).states  # [4, 77, D]
     assert torch.equal(cached[0], cached[2])
-    assert torch.allclose(cached, worker.policy._encode(prompts), atol=1e-6)
+    assert torch.allclose(cached, worker.policy._encode(prompts).states, atol=1e-6)
     files = list((tmp_path / ".cache" / "text").rglob("*.safetensors"))
     assert len(files) == 3  # one per distinct prompt
     again = _caption_worker(tmp_path, "data.cache_text_embeddings=true")  # a later run: served from disk
-    assert torch.equal(again.policy.encode_prompts(prompts), cached)
+    assert torch.equal(again.policy.encode_prompts(prompts).states, cached)
     assert again.policy.text_cache.disk.hits == 3 and again.policy.text_cache.disk.misses == 0
 
 

@@ -1,0 +1,152 @@
+"""Stable Diffusion XL: the built-in tiny SDXL-architecture model, and what loading a real one needs.
+
+SDXL (Podell et al. 2023) differs from SD 1.x in its conditioning (models/conditioning.py): two
+text encoders (CLIP ViT-L and OpenCLIP bigG, the second with a projection whose pooled output
+conditions the UNet too), six size/crop "time ids", and a UNet with ``addition_embed_type
+"text_time"``. Its released scheduler is EulerDiscreteScheduler; its VAE overflows in float16
+(use the fp16-fix VAE through ``model.vae``, or keep the VAE in float32).
+
+``build_tiny_sdxl`` mirrors the architecture at toy size (diffusers' own SDXL pipeline tests use
+the same shape): a UNet with a plain DownBlock2D first and cross-attention below it, two resnets
+per level, 1 and 2 transformer layers, linear projections; two tiny CLIP text encoders with the
+full CLIP BPE vocabulary, the second with a projection. Seeded, random, no download.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from diffusers import AutoencoderKL, EulerDiscreteScheduler, UNet2DConditionModel
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+from models.components import Components, ModelNotFoundError, frozen
+from models.tokenizer import build_clip_tokenizer
+
+TINY_SDXL_SEED = 0  # the tiny SDXL model's weights are a pure function of this seed
+TIME_IDS = 6  # original (h, w), crop (top, left), target (h, w)
+
+# stabilityai/stable-diffusion-xl-base-1.0 scheduler/scheduler_config.json
+SDXL_SCHEDULER = dict(
+    num_train_timesteps=1000,
+    beta_start=0.00085,
+    beta_end=0.012,
+    beta_schedule="scaled_linear",
+    interpolation_type="linear",
+    prediction_type="epsilon",
+    steps_offset=1,
+    timestep_spacing="leading",
+    use_karras_sigmas=False,
+)
+SDXL_VAE_SCALING = 0.13025  # vae/config.json scaling_factor of SDXL (SD 1.x: 0.18215)
+
+
+def _text_config(hidden: int, projection: int) -> CLIPTextConfig:
+    return CLIPTextConfig(
+        vocab_size=49408,  # the full CLIP BPE vocabulary: any prompt tokenises as in SDXL
+        hidden_size=hidden,
+        intermediate_size=2 * hidden,
+        num_hidden_layers=3,  # SDXL reads the penultimate hidden states: more than 2 layers keeps that non-trivial
+        num_attention_heads=4,
+        max_position_embeddings=77,
+        projection_dim=projection,
+        bos_token_id=49406,
+        eos_token_id=49407,
+        pad_token_id=49407,
+        hidden_act="gelu",
+    )
+
+
+def build_tiny_sdxl(seed: int = TINY_SDXL_SEED, image_size: int = 32) -> Components:
+    """A tiny SDXL-architecture model, seeded, frozen: 32 px images, 4x16x16 latents, text 16 + 32 = 48-d, pooled 32-d."""
+    te1, te2, pooled = 16, 32, 32
+    time_dim = 8
+    with torch.random.fork_rng():  # constructors draw from the global RNG: callers are unaffected
+        torch.manual_seed(seed)
+        vae = AutoencoderKL(
+            in_channels=3,
+            out_channels=3,
+            block_out_channels=(32, 64),
+            down_block_types=("DownEncoderBlock2D",) * 2,
+            up_block_types=("UpDecoderBlock2D",) * 2,
+            latent_channels=4,
+            norm_num_groups=16,
+            sample_size=image_size,
+            scaling_factor=SDXL_VAE_SCALING,
+            force_upcast=True,
+        )
+        unet = UNet2DConditionModel(
+            sample_size=image_size // 2,
+            in_channels=4,
+            out_channels=4,
+            block_out_channels=(32, 64),
+            layers_per_block=2,
+            down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+            up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+            attention_head_dim=(2, 4),
+            use_linear_projection=True,
+            transformer_layers_per_block=(1, 2),
+            cross_attention_dim=te1 + te2,
+            addition_embed_type="text_time",
+            addition_time_embed_dim=time_dim,
+            projection_class_embeddings_input_dim=TIME_IDS * time_dim + pooled,
+            norm_num_groups=16,
+        )
+        text_encoder = CLIPTextModel(_text_config(te1, te1))
+        text_encoder_2 = CLIPTextModelWithProjection(_text_config(te2, pooled))
+    return frozen(
+        Components(
+            unet=unet,
+            vae=vae,
+            text_encoder=text_encoder,
+            tokenizer=build_clip_tokenizer(),
+            scheduler=EulerDiscreteScheduler(**SDXL_SCHEDULER),
+            text_encoder_2=text_encoder_2,
+            tokenizer_2=build_clip_tokenizer(),  # its own object: textual inversion adds tokens to each
+            force_zeros_for_empty_prompt=True,
+        )
+    )
+
+
+def _model_index(name_or_path: str, revision: str | None) -> dict | None:
+    """model_index.json of a local directory or a cached hub id, or None when there is none to read offline."""
+    local = Path(name_or_path).expanduser() / "model_index.json"
+    if local.is_file():
+        return json.loads(local.read_text(encoding="utf-8"))
+    if Path(name_or_path).expanduser().exists():
+        return None
+    try:
+        from huggingface_hub import hf_hub_download
+
+        return json.loads(Path(hf_hub_download(name_or_path, "model_index.json", revision=revision)).read_text(encoding="utf-8"))
+    except Exception:  # noqa: BLE001 - not resolvable offline: from_pretrained reports it
+        return None
+
+
+def is_sdxl_source(name_or_path: str, revision: str | None = None) -> bool:
+    """True for the tiny SDXL and for a diffusers layout with a second text encoder."""
+    if name_or_path == "tiny-sdxl":
+        return True
+    if (Path(name_or_path).expanduser() / "text_encoder_2").is_dir():
+        return True
+    index = _model_index(name_or_path, revision)
+    return bool(index and index.get("text_encoder_2") and index["text_encoder_2"][0] is not None)
+
+
+def force_zeros(name_or_path: str, revision: str | None) -> bool:
+    """SDXL's ``force_zeros_for_empty_prompt`` from model_index.json (diffusers' default: True)."""
+    index = _model_index(name_or_path, revision) or {}
+    return bool(index.get("force_zeros_for_empty_prompt", True))
+
+
+def load_scheduler(name_or_path: str, revision: str | None):
+    """The scheduler the SDXL folder names (Euler for the released base), built from its config."""
+    from models.schedulers import SCHEDULERS
+
+    try:
+        config = EulerDiscreteScheduler.load_config(name_or_path, subfolder="scheduler", revision=revision)
+    except (OSError, ValueError) as err:
+        raise ModelNotFoundError(f"model {name_or_path!r}: scheduler/ could not be loaded: {err}") from err
+    by_class = {cls.__name__: cls for cls in SCHEDULERS.values()}
+    return by_class.get(config.get("_class_name"), EulerDiscreteScheduler).from_config(config)
