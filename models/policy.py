@@ -87,12 +87,11 @@ class Policy:
             )
         for encoder in self.components.text_encoders:
             if kind == "lora":
-                encoder.add_adapter(self.text_lora_config)
+                encoder.add_adapter(self.text_lora_config)  # peft freezes every other weight, new rows included
             elif kind == "full":
                 encoder.requires_grad_(True)
-                rows = trainable_rows(encoder)
-                if rows is not None:  # the frozen base table is a buffer; only the new rows are a parameter
-                    rows.requires_grad_(True)
+        for rows in self.token_rows():  # new token rows always train (the frozen base table is a buffer)
+            rows.requires_grad_(True)
         return kind != "none" or bool(self.token_rows())
 
     def token_rows(self) -> list[torch.nn.Parameter]:

@@ -150,3 +150,38 @@ def load_scheduler(name_or_path: str, revision: str | None):
         raise ModelNotFoundError(f"model {name_or_path!r}: scheduler/ could not be loaded: {err}") from err
     by_class = {cls.__name__: cls for cls in SCHEDULERS.values()}
     return by_class.get(config.get("_class_name"), EulerDiscreteScheduler).from_config(config)
+
+
+REFINER_TIME_IDS = 5  # original (h, w), crop (top, left), aesthetic score: the refiner's add_time_ids
+
+
+def build_tiny_refiner(seed: int = TINY_SDXL_SEED, image_size: int = 32) -> UNet2DConditionModel:
+    """A tiny SDXL-refiner-architecture UNet, seeded, frozen, to pair with ``build_tiny_sdxl``.
+
+    The released refiner conditions on the second text encoder only (cross_attention_dim = its width,
+    32 here) and on 5 time ids, the aesthetic score replacing the target size, so
+    ``projection_class_embeddings_input_dim = 5 * addition_time_embed_dim + pooled``. It has no text
+    encoder, tokenizer or VAE of its own: a refiner pipeline shares the base's ``text_encoder_2``,
+    ``tokenizer_2`` and ``vae`` (as diffusers' SDXL docs load it), and needs ``requires_aesthetics_score=True``.
+    """
+    te2, pooled, time_dim = 32, 32, 8
+    with torch.random.fork_rng():  # constructors draw from the global RNG: callers are unaffected
+        torch.manual_seed(seed)
+        unet = UNet2DConditionModel(
+            sample_size=image_size // 2,
+            in_channels=4,
+            out_channels=4,
+            block_out_channels=(32, 64),
+            layers_per_block=2,
+            down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+            up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+            attention_head_dim=(2, 4),
+            use_linear_projection=True,
+            transformer_layers_per_block=(1, 2),
+            cross_attention_dim=te2,
+            addition_embed_type="text_time",
+            addition_time_embed_dim=time_dim,
+            projection_class_embeddings_input_dim=REFINER_TIME_IDS * time_dim + pooled,
+            norm_num_groups=16,
+        )
+    return unet.requires_grad_(False).eval()

@@ -50,7 +50,7 @@ def _parser() -> argparse.ArgumentParser:
     submit.add_parsers(sub)
 
     s = sub.add_parser("sample", help="generate (or, with --image, edit) images with diffusers' pipelines (+ a trained LoRA / embeddings)")
-    s.add_argument("--model", required=True, help="'tiny', a diffusers-layout directory, or a hub id")
+    s.add_argument("--model", required=True, help="'tiny', 'tiny-sdxl', 'toy', a diffusers-layout directory (SD 1.x or SDXL), or a hub id")
     s.add_argument("--lora", help="directory holding pytorch_lora_weights.safetensors (a run's export/)")
     s.add_argument("--prompt", required=True, help="the text prompt")
     s.add_argument("--negative-prompt", default=None, help="text for the unconditional branch")
@@ -62,7 +62,14 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--num-images", type=int, default=1, help="how many images")
     s.add_argument("--scheduler", choices=["ddim", "pndm", "euler", "euler_a", "dpmsolver++"], help="sampling scheduler (default: the model's)")
     s.add_argument("--lora-scale", type=float, default=1.0, help="strength of the LoRA (0 = the base model)")
-    s.add_argument("--embeddings", action="append", default=[], help="textual-inversion file or directory (learned_embeds.safetensors); repeatable")
+    s.add_argument("--embeddings", action="append", default=[],
+                   help="textual-inversion file or directory (learned_embeds.safetensors; SDXL: a file of clip_l and clip_g rows); repeatable")
+    s.add_argument("--token", help="SDXL embeddings: the token to load them under when the file's metadata names none")
+    s.add_argument("--vae", help="a VAE in diffusers layout replacing the model's (e.g. the fp16-fix SDXL VAE)")
+    s.add_argument("--refiner", help="SDXL: a refiner in diffusers layout (or 'tiny-refiner') that finishes the base's denoising")
+    s.add_argument("--refiner-start", type=float, default=0.8, help="with --refiner: the fraction of the steps the base runs before the refiner (in (0, 1))")
+    s.add_argument("--prompt-weighting", choices=["none", "compel"], default="none",
+                   help="'compel': weighted prompts like '(oil on canvas)+++' or '(word)1.3' (needs pip install 'draftray[compel]')")
     s.add_argument("--image", help="InstructPix2Pix: edit this image (the model's UNet must have 8 input channels)")
     s.add_argument("--image-guidance", type=float, default=1.5, help="InstructPix2Pix image guidance scale (with --image)")
     s.add_argument("--out", required=True, help="output directory for PNGs")

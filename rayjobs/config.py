@@ -3,7 +3,7 @@
 ``Config()`` with no arguments IS the embedded default (== configs/toy.yaml):
 DRaFT+ on the shipped toy-world model against the toy appeal reward
 (docs/toy-world.md), small enough for a 2-core CPU in minutes. YAML presets in configs/ override only what differs.
-Unknown keys are errors. Larger sections have their own files: rayjobs/config_data.py (data),
+Unknown keys are errors. Larger sections have their own files: rayjobs/config_model.py (model, memory), rayjobs/config_data.py (data),
 rayjobs/config_reward.py (reward, diversity), rayjobs/config_ray.py (ray), rayjobs/config_sweep.py (sweep). Derived sizes:
 
     global batch (prompts per optimizer step) = train.batch_size * train.grad_accum * ray.num_workers
@@ -20,27 +20,12 @@ import yaml
 from pydantic import Field, ValidationError, model_validator
 
 from rayjobs.config_data import DataConfig
+from rayjobs.config_model import MemoryConfig, ModelConfig
 from rayjobs.config_ray import RayConfig
 from rayjobs.config_reward import DiversityConfig, RewardConfig
 from rayjobs.config_sweep import SweepConfig
 from rayjobs.errors import UserError
 from rayjobs.schema import _Strict
-
-
-class ModelConfig(_Strict):
-    name_or_path: str = Field(
-        "toy",
-        description="'toy' (the shipped pretrained toy-world model), 'tiny' (random weights, seeded, built in code), "
-        "a local diffusers-layout directory, or a hub id",
-    )
-    revision: str | None = Field(None, description="hub revision (branch, tag or commit) when name_or_path is a hub id")
-    dtype: Literal["float32", "bfloat16", "float16"] = Field(
-        "float32",
-        description="compute dtype of the frozen weights (autocast); trainable weights always stay float32. "
-        "float16 adds dynamic loss scaling (torch.amp.GradScaler: a step whose gradients overflow is skipped "
-        "and the scale halves) and keeps the VAE in float32 (SD's VAE overflows in float16). bfloat16 is the "
-        "better choice on A100/H100",
-    )
 
 
 class PlaceholderToken(_Strict):
@@ -98,11 +83,15 @@ class SamplerConfig(_Strict):
         description="K: gradient flows through the last K steps (1 = DRaFT-1/DRaFT+ as in the papers, T = full backprop). "
         "configs/tiny.yaml uses 5: on the random tiny model the last step alone scales eps by ~0.04 and K=1 barely learns",
     )
-    height: int = Field(32, ge=8, description="image height, pixels (multiple of the VAE factor, 8 for SD)")
+    height: int = Field(32, ge=8, description="image height, pixels (multiple of the VAE factor, 8 for SD; SDXL is trained at 1024)")
     width: int = Field(32, ge=8, description="image width, pixels")
-    negative_prompt: str = Field("", description="text of the unconditional branch of CFG")
+    negative_prompt: str = Field(
+        "", description="text of the unconditional branch of CFG. SDXL: an empty one is all-zero text states, as diffusers' "
+        "StableDiffusionXLPipeline does for negative_prompt=None (force_zeros_for_empty_prompt)"
+    )
     scheduler: Literal["ddim", "pndm", "euler", "euler_a", "dpmsolver++"] | None = Field(
-        None, description="sampling scheduler (models/schedulers.py), built from the model's noise schedule; None = the model's own (DDIM for toy/tiny)"
+        None, description="sampling scheduler (models/schedulers.py), built from the model's noise schedule; None = the model's own "
+        "(DDIM for SD 1.x models, which load their scheduler as DDIM; SDXL keeps its own, Euler for the released base)"
     )
 
     @model_validator(mode="after")
@@ -236,6 +225,7 @@ class RunConfig(_Strict):
 class Config(_Strict):
     run: RunConfig = RunConfig()
     model: ModelConfig = ModelConfig()
+    memory: MemoryConfig = MemoryConfig()
     trainable: TrainableConfig = TrainableConfig()
     sampler: SamplerConfig = SamplerConfig()
     objective: ObjectiveConfig = ObjectiveConfig()

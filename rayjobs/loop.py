@@ -84,6 +84,7 @@ def sampler_settings(cfg: Config) -> SamplerSettings:
         width=s.width,
         negative_prompt=s.negative_prompt,
         gradient_checkpointing=cfg.trainable.gradient_checkpointing,
+        vae_checkpointing=cfg.memory.vae_checkpointing,
         scheduler=s.scheduler,
     )
 
@@ -124,7 +125,9 @@ class Worker:
         o = cfg.objective
         reward_w, kl, denoise, prior, dropout = o.weights
         supervised = DenoiseSettings(o.min_snr_gamma, o.noise_offset, o.prediction_target, dropout)
-        self.objective = Objective(Weights(reward_w, kl, denoise, prior), self.settings, self.reward, supervised)
+        self.objective = Objective(
+            Weights(reward_w, kl, denoise, prior), self.settings, self.reward, supervised, cfg.memory.reward_checkpointing
+        )
         self.params = self.policy.parameters()  # after setup: FSDP's are DTensor shards
         self.schedule = build_schedule(self.optimizer, cfg.optim)
         self.ema = EMA(self.params, t.ema_decay) if t.ema_decay else None

@@ -1,6 +1,7 @@
 """The model a run trains: components loaded, then changed as the trainable section says.
 
-Before the Policy wraps them: the UNet input grows to 8 channels for InstructPix2Pix
+Before the Policy wraps them: another VAE replaces the model's (model.vae), VAE slicing/tiling
+are switched on (memory section), the UNet input grows to 8 channels for InstructPix2Pix
 (models/ip2p.expand_unet_inputs, a no-op on an InstructPix2Pix base), and textual-inversion
 placeholders join the tokenizer and the text encoder (models/textual_inversion.add_placeholder;
 SDXL: both tokenizers and both encoders, exported as clip_l / clip_g).
@@ -19,8 +20,14 @@ from rayjobs.errors import UserError
 
 def prepare_components(cfg: Config) -> tuple[Components, dict[str, int]]:
     """(components, {placeholder: number of vectors}); the same on every rank (seeded by train.seed)."""
-    comps = load_components(cfg.model.name_or_path, cfg.model.revision)
+    comps = load_components(cfg.model.name_or_path, cfg.model.revision, cfg.model.vae)
+    if cfg.memory.vae_slicing:
+        comps.vae.enable_slicing()
+    if cfg.memory.vae_tiling:
+        comps.vae.enable_tiling()
     t = cfg.trainable
+    if comps.is_sdxl and t.unet_in_channels != comps.unet.config.in_channels:
+        raise UserError("trainable.unet_in_channels: InstructPix2Pix training is for SD 1.x models; this model is SDXL")
     if t.unet_in_channels != comps.unet.config.in_channels:
         try:
             expand_unet_inputs(comps.unet, t.unet_in_channels)

@@ -104,6 +104,7 @@ def preflight(cfg: Config) -> Config:
         check_model_source(cfg.model.name_or_path)
     except ModelNotFoundError as err:
         raise UserError(f"model.name_or_path: {err}") from None
+    check_model_options(cfg)
     for i, spec in enumerate(cfg.reward.specs()):
         where = f"reward.terms.{i}" if cfg.reward.terms else "reward"
         try:
@@ -113,6 +114,21 @@ def preflight(cfg: Config) -> Config:
         except (rewards.UnknownNameError, ValueError) as err:
             raise UserError(f"{where}: {err}") from None
     return _checked_diversity(cfg)
+
+
+def check_model_options(cfg: Config) -> None:
+    """model.vae must be a VAE folder (or a hub id); SDXL models take no InstructPix2Pix input channels."""
+    from models.sdxl import is_sdxl_source
+
+    vae = cfg.model.vae
+    if vae is not None:
+        path = Path(vae).expanduser()
+        looks_local = path.is_absolute() or vae.startswith(".") or path.exists() or vae.count("/") != 1
+        if looks_local and not (path / "config.json").is_file():
+            raise UserError(f"model.vae: {vae!r} is not a VAE directory (no config.json there); give an AutoencoderKL folder or a hub id")
+    sdxl = is_sdxl_source(cfg.model.name_or_path, cfg.model.revision)
+    if sdxl and (cfg.trainable.unet_in_channels != 4 or cfg.data.conditioning_column or cfg.data.eval_images):
+        raise UserError("trainable.unet_in_channels: InstructPix2Pix training is for SD 1.x models; model.name_or_path is SDXL")
 
 
 DATA_PATHS = ("source", "class_dir", "prompts_file", "instruction_templates")
@@ -131,6 +147,8 @@ def absolute_paths(cfg: Config) -> Config:
     model = Path(cfg.model.name_or_path).expanduser()
     if model.exists():
         cfg.model.name_or_path = str(model.resolve())
+    if cfg.model.vae is not None and Path(cfg.model.vae).expanduser().exists():
+        cfg.model.vae = str(Path(cfg.model.vae).expanduser().resolve())
     return cfg
 
 

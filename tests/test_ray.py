@@ -61,6 +61,14 @@ def test_two_workers_ddp(cluster, tmp_path):
     assert (run / "config.yaml").read_text().count("num_workers: 2") == 1
 
 
+def test_sdxl_draftplus_on_two_workers(cluster, tmp_path):
+    """The tiny SDXL (two text encoders, pooled embeds, time ids) through Ray Train and DDP; its LoRA export."""
+    run = _fit(tmp_path, "sdxl", "model.name_or_path=tiny-sdxl", "ray.num_workers=2", "train.steps=2", "train.checkpoint_every=2")
+    assert _train_steps(run) == [1, 2]
+    assert (run / "export" / "pytorch_lora_weights.safetensors").is_file()
+    assert (run / "samples" / "base_vs_final.png").is_file()
+
+
 def test_dreambooth_on_two_workers_draws_class_images_once(cluster, tmp_path):
     """A supervised preset through Ray Train: 2 ranks split the missing class images, then train
     denoise + prior (the same loop as DRaFT+)."""
