@@ -11,6 +11,7 @@ gradient is [n_new, D], never a dense [V, D] one.
 
 The export, ``learned_embeds.safetensors`` = ``{placeholder: Tensor[n_vectors, D]}``, is what
 ``StableDiffusionPipeline.load_textual_inversion(path)`` and the A1111 WebUI ``embeddings/`` folder read.
+SDXL: ``{"clip_l": [n, D1], "clip_g": [n, D2]}`` per placeholder (export_textual_inversion_sdxl).
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 TI_FILE = "learned_embeds.safetensors"  # diffusers' TEXT_INVERSION_NAME_SAFE
+SDXL_TI_KEYS = ("clip_l", "clip_g")  # SDXL embedding files: rows for text_encoder (CLIP ViT-L), text_encoder_2 (bigG)
 CLIP_TI_DECAY_TARGET = 0.4  # cloneofsimo/lora cli_lora_pti.py: the norm new rows are pulled towards
 
 
@@ -171,6 +173,20 @@ def decay_norms_(rows: torch.Tensor, target_norm: float = CLIP_TI_DECAY_TARGET, 
     return rows
 
 
+def _per_placeholder(tokens: dict[str, int], rows: torch.Tensor, what: str = "rows") -> list[torch.Tensor]:
+    """rows [sum n, D] -> one contiguous float32 CPU tensor [n, D] per placeholder, in ``tokens`` order."""
+    total = sum(tokens.values())
+    if rows.shape[0] != total:
+        raise ValueError(f"{what} has {rows.shape[0]} vectors but tokens need {total}")
+    rows = rows.detach().to("cpu", torch.float32)
+    return [part.contiguous() for part in rows.split(list(tokens.values()))]
+
+
+def _file_names(tokens: dict[str, int]) -> list[str]:
+    """diffusers reads one placeholder per file: ``learned_embeds.safetensors``, or ``learned_embeds_<k>`` each."""
+    return [TI_FILE] if len(tokens) == 1 else [f"learned_embeds_{k}.safetensors" for k in range(len(tokens))]
+
+
 def export_textual_inversion(directory: str | os.PathLike, tokens: dict[str, int], rows: torch.Tensor) -> Path:
     """Write the learned embeddings in diffusers' format; returns the file (one placeholder) or the directory.
 
@@ -181,14 +197,30 @@ def export_textual_inversion(directory: str | os.PathLike, tokens: dict[str, int
     """
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    total = sum(tokens.values())
-    if rows.shape[0] != total:
-        raise ValueError(f"rows has {rows.shape[0]} vectors but tokens need {total}")
-    rows = rows.detach().to("cpu", torch.float32)
-    start, paths = 0, []
-    for k, (token, n) in enumerate(tokens.items()):
-        name = TI_FILE if len(tokens) == 1 else f"learned_embeds_{k}.safetensors"
-        save_file({token: rows[start : start + n].contiguous()}, str(directory / name))  # [n, D]
-        paths.append(directory / name)
-        start += n
+    parts = _per_placeholder(tokens, rows)
+    paths = [directory / name for name in _file_names(tokens)]
+    for path, token, part in zip(paths, tokens, parts):
+        save_file({token: part}, str(path))  # [n, D]
+    return paths[0] if len(paths) == 1 else directory
+
+
+def export_textual_inversion_sdxl(directory: str | os.PathLike, tokens: dict[str, int],
+                                  rows: dict[str, torch.Tensor]) -> Path:
+    """SDXL: both encoders' rows of each placeholder in ONE file, the community SDXL embedding layout.
+
+    rows: {"clip_l": [sum n, D1] of text_encoder, "clip_g": [sum n, D2] of text_encoder_2} (SDXL_TI_KEYS;
+    an encoder without new rows is left out). Each file is {"clip_l": [n, D1], "clip_g": [n, D2]} with
+    metadata {"token": placeholder}, since the keys no longer name it; diffusers loads it with one
+    ``load_textual_inversion(sd[key], token=..., text_encoder=..., tokenizer=...)`` per encoder
+    (docs/exports.md). File names and the return value as export_textual_inversion.
+    """
+    unknown = sorted(set(rows) - set(SDXL_TI_KEYS))
+    if unknown or not rows:
+        raise ValueError(f"rows must be keyed by {SDXL_TI_KEYS}, got {sorted(rows)}")
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    parts = {key: _per_placeholder(tokens, r, f"rows[{key!r}]") for key, r in rows.items()}
+    paths = [directory / name for name in _file_names(tokens)]
+    for k, (path, token) in enumerate(zip(paths, tokens)):
+        save_file({key: parts[key][k] for key in parts}, str(path), metadata={"token": token})  # [n, D_i] each
     return paths[0] if len(paths) == 1 else directory

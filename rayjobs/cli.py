@@ -56,7 +56,7 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--negative-prompt", default=None, help="text for the unconditional branch")
     s.add_argument("--seed", type=int, default=0, help="seed of the first image; image i uses seed + i")
     s.add_argument("--steps", type=int, default=50, help="denoising steps")
-    s.add_argument("--guidance", type=float, default=7.5, help="classifier-free guidance scale")
+    s.add_argument("--guidance", type=float, default=None, help="classifier-free guidance scale (default: the pipeline's, 7.5 SD 1.x, 5.0 SDXL)")
     s.add_argument("--height", type=int, default=None, help="pixels (default: the model's native size)")
     s.add_argument("--width", type=int, default=None, help="pixels (default: the model's native size)")
     s.add_argument("--num-images", type=int, default=1, help="how many images")

@@ -180,7 +180,8 @@ def generate(args) -> list[Path]:
     sdxl = getattr(pipe, "text_encoder_2", None) is not None
     refiner = build_refiner(args, pipe) if args.refiner else None
     native = pipe.unet.config.sample_size * pipe.vae_scale_factor
-    kwargs = dict(num_inference_steps=args.steps, guidance_scale=args.guidance)
+    guidance = {} if args.guidance is None else {"guidance_scale": args.guidance}  # None: the pipeline's own default
+    kwargs = dict(num_inference_steps=args.steps, **guidance)
     lora_scale = args.lora_scale if args.lora and args.lora_scale != 1.0 else None
     if lora_scale is not None:
         kwargs["cross_attention_kwargs"] = {"scale": lora_scale}
@@ -201,7 +202,7 @@ def generate(args) -> list[Path]:
         else:
             latents = pipe(**text, generator=generator, denoising_end=args.refiner_start, output_type="latent", **kwargs).images
             image = refiner(**refiner_text, image=latents, denoising_start=args.refiner_start, num_inference_steps=args.steps,
-                            guidance_scale=args.guidance, generator=generator).images[0]  # fmt: skip
+                            generator=generator, **guidance).images[0]  # fmt: skip
         path = out / f"{i:03d}_seed{seed}.png"
         image.save(path)
         paths.append(path)

@@ -121,6 +121,20 @@ def test_fsdp_matches_ddp_and_resumes_on_another_worker_count(ddp_curve, tmp_pat
     assert all(torch.equal(two_ranks[k], one_rank[k]) for k in two_ranks)
 
 
+def test_sdxl_full_finetune_with_fsdp_matches_ddp_and_exports_a_pipeline(tmp_path):
+    """Full fine-tuning of the tiny SDXL sharded over 2 ranks: the DDP curve, and a StableDiffusionXLPipeline export."""
+    from diffusers import StableDiffusionXLPipeline
+
+    sdxl = ("model.name_or_path=tiny-sdxl", "sampler.guidance=5.0", "train.steps=2")
+    ddp = _run(tmp_path / "ddp", 2, "ray.strategy=ddp", *sdxl)
+    fsdp = _run(tmp_path / "fsdp", 2, "ray.strategy=fsdp", *sdxl)
+    assert _close(fsdp, ddp), (fsdp, ddp)
+    pipe = StableDiffusionXLPipeline.from_pretrained(tmp_path / "fsdp" / "export")
+    assert pipe.text_encoder_2 is not None
+    trained, exported = _unet_weights(tmp_path / "ddp"), _unet_weights(tmp_path / "fsdp")
+    assert all(torch.allclose(trained[k], exported[k], atol=1e-5) for k in trained)
+
+
 def test_deepspeed_zero2_matches_ddp_and_resumes(ddp_curve, tmp_path):
     """As fsdp, same number of ranks (ZeRO partitions); the EMA travels as DeepSpeed client state."""
     pytest.importorskip("deepspeed")
