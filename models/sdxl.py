@@ -58,6 +58,29 @@ def _text_config(hidden: int, projection: int) -> CLIPTextConfig:
     )
 
 
+def _tiny_unet(image_size: int, cross_attention_dim: int, time_ids: int, time_dim: int, pooled: int) -> UNet2DConditionModel:
+    """The tiny SDXL-shaped UNet: a plain first down block, cross-attention below, 2 resnets per level,
+    1 and 2 transformer layers, linear projections, ``text_time`` added conditioning of
+    ``time_ids * time_dim + pooled`` inputs. Draws from the global RNG (callers seed it)."""
+    return UNet2DConditionModel(
+        sample_size=image_size // 2,
+        in_channels=4,
+        out_channels=4,
+        block_out_channels=(32, 64),
+        layers_per_block=2,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        attention_head_dim=(2, 4),
+        use_linear_projection=True,
+        transformer_layers_per_block=(1, 2),
+        cross_attention_dim=cross_attention_dim,
+        addition_embed_type="text_time",
+        addition_time_embed_dim=time_dim,
+        projection_class_embeddings_input_dim=time_ids * time_dim + pooled,
+        norm_num_groups=16,
+    )
+
+
 def build_tiny_sdxl(seed: int = TINY_SDXL_SEED, image_size: int = 32) -> Components:
     """A tiny SDXL-architecture model, seeded, frozen: 32 px images, 4x16x16 latents, text 16 + 32 = 48-d, pooled 32-d."""
     te1, te2, pooled = 16, 32, 32
@@ -76,23 +99,7 @@ def build_tiny_sdxl(seed: int = TINY_SDXL_SEED, image_size: int = 32) -> Compone
             scaling_factor=SDXL_VAE_SCALING,
             force_upcast=True,
         )
-        unet = UNet2DConditionModel(
-            sample_size=image_size // 2,
-            in_channels=4,
-            out_channels=4,
-            block_out_channels=(32, 64),
-            layers_per_block=2,
-            down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
-            up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
-            attention_head_dim=(2, 4),
-            use_linear_projection=True,
-            transformer_layers_per_block=(1, 2),
-            cross_attention_dim=te1 + te2,
-            addition_embed_type="text_time",
-            addition_time_embed_dim=time_dim,
-            projection_class_embeddings_input_dim=TIME_IDS * time_dim + pooled,
-            norm_num_groups=16,
-        )
+        unet = _tiny_unet(image_size, cross_attention_dim=te1 + te2, time_ids=TIME_IDS, time_dim=time_dim, pooled=pooled)
         text_encoder = CLIPTextModel(_text_config(te1, te1))
         text_encoder_2 = CLIPTextModelWithProjection(_text_config(te2, pooled))
     return frozen(
@@ -167,21 +174,5 @@ def build_tiny_refiner(seed: int = TINY_SDXL_SEED, image_size: int = 32) -> UNet
     te2, pooled, time_dim = 32, 32, 8
     with torch.random.fork_rng():  # constructors draw from the global RNG: callers are unaffected
         torch.manual_seed(seed)
-        unet = UNet2DConditionModel(
-            sample_size=image_size // 2,
-            in_channels=4,
-            out_channels=4,
-            block_out_channels=(32, 64),
-            layers_per_block=2,
-            down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
-            up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
-            attention_head_dim=(2, 4),
-            use_linear_projection=True,
-            transformer_layers_per_block=(1, 2),
-            cross_attention_dim=te2,
-            addition_embed_type="text_time",
-            addition_time_embed_dim=time_dim,
-            projection_class_embeddings_input_dim=REFINER_TIME_IDS * time_dim + pooled,
-            norm_num_groups=16,
-        )
+        unet = _tiny_unet(image_size, cross_attention_dim=te2, time_ids=REFINER_TIME_IDS, time_dim=time_dim, pooled=pooled)
     return unet.requires_grad_(False).eval()

@@ -35,6 +35,10 @@ class CrashOnce(_Counting):
         out = super().forward(images, prompts)
         if self.calls == self.at_call and not self.marker.exists():
             self.marker.touch()
+            # Ray Train V2's controller learns of a reported checkpoint at its next poll of the workers
+            # (RAY_TRAIN_HEALTH_CHECK_INTERVAL_S); a kill within that window loses the checkpoint and the run
+            # restarts from the one before (seen here once, with steps 0.05 s apart). Wait past it.
+            time.sleep(1.0)
             os._exit(1)
         return out
 
