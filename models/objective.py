@@ -19,6 +19,7 @@ from models.components import vae_precision
 from models.ip2p import dropout_masks, ip2p_denoise_inputs
 from models.policy import Policy, unet_eps
 from models.sampler import SamplerSettings, sample
+from models.schedulers import training_scheduler
 
 Reward = Callable[[torch.Tensor, list[str]], torch.Tensor]  # (images [B,3,H,W] in [0,1], prompts) -> [B]
 
@@ -187,7 +188,7 @@ def denoise_loss(
     InstructPix2Pix conditioning image's latents, concatenated to x_t along channels, with the
     text / image / both dropped per ``settings.conditioning_dropout``.
     """
-    sched = policy.components.scheduler
+    sched = training_scheduler(policy.components.scheduler)  # DDPM form, whatever the sampler (SDXL: Euler)
     b = latents.shape[0]
     noise = torch.randn(latents.shape, generator=generator, dtype=latents.dtype).to(latents.device)
     if settings.noise_offset:

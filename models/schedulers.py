@@ -16,6 +16,7 @@ import weakref
 import torch
 from diffusers import (
     DDIMScheduler,
+    DDPMScheduler,
     DPMSolverMultistepScheduler,
     EulerAncestralDiscreteScheduler,
     EulerDiscreteScheduler,
@@ -68,3 +69,18 @@ def step_kwargs(scheduler, eta: float, generator) -> dict:
     if "generator" in accepted:
         kwargs["generator"] = generator
     return kwargs
+
+
+def training_scheduler(base_scheduler) -> DDPMScheduler:
+    """The DDPM view of ``base_scheduler``'s noise schedule, for the supervised terms (cached per base).
+
+    Training noises x_0 as sqrt(a_t) x_0 + sqrt(1 - a_t) eps at any of the T_train timesteps, the form the
+    UNet learned. DDIM's add_noise is that form, but Euler's (SDXL's sampler) is x_0 + sigma eps at the
+    timesteps of its last set_timesteps call, which the UNet input would have to be rescaled for; so the
+    denoise terms always take this DDPMScheduler (as diffusers' SDXL training scripts do).
+    """
+    per_base = _CACHE.setdefault(base_scheduler, {})
+    if "_training" not in per_base:
+        with torch.inference_mode(False):
+            per_base["_training"] = DDPMScheduler.from_config(base_scheduler.config)
+    return per_base["_training"]

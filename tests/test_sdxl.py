@@ -96,6 +96,29 @@ def test_reference_is_the_unet_with_adapters_off(sdxl):
     assert not torch.allclose(policy.eps(x, t, cond, 5.0), ref, atol=1e-4)  # the LoRA changes the policy
 
 
+def test_denoise_term_noises_in_ddpm_form_whatever_the_euler_sampler_did(sdxl):
+    """SDXL samples with Euler, whose add_noise is x_0 + sigma eps at its last sampling timesteps; the denoise
+    terms must noise as the UNet was trained: sqrt(a_t) x_0 + sqrt(1 - a_t) eps, any t of the 1000."""
+    from models.objective import denoise_loss
+
+    policy = lora_policy(sdxl)
+    x0 = torch.randn(2, 4, 16, 16, generator=torch.Generator().manual_seed(5))
+    before = denoise_loss(policy, x0, PROMPTS, torch.Generator().manual_seed(0))
+    sample(policy, PROMPTS, SamplerSettings(steps=2, guidance=5.0, height=32, width=32), track_grad=False)
+    after = denoise_loss(policy, x0, PROMPTS, torch.Generator().manual_seed(0))
+    g = torch.Generator().manual_seed(0)  # the draws of denoise_loss, in its order: eps, then t
+    eps = torch.randn(x0.shape, generator=g)
+    t = torch.randint(0, 1000, (2,), generator=g)
+    betas = torch.linspace(0.00085**0.5, 0.012**0.5, 1000, dtype=torch.float64) ** 2  # scaled_linear
+    a = torch.cumprod(1 - betas, 0)[t].float().view(2, 1, 1, 1)
+    x_t = a.sqrt() * x0 + (1 - a).sqrt() * eps
+    cond = policy.encode_prompts(PROMPTS).with_size(32, 32)  # the 16x16 latents' image size
+    with torch.no_grad():
+        pred = policy.unet(x_t, t, **cond.unet_kwargs(), return_dict=False)[0]
+    hand = (pred - eps).pow(2).flatten(1).mean(1)  # [B]
+    assert torch.equal(before, after) and torch.allclose(before, hand, rtol=1e-5)
+
+
 def test_saved_sdxl_loads_back_as_sdxl(sdxl, tmp_path):
     save_components(sdxl, tmp_path / "m")
     back = load_components(str(tmp_path / "m"))
@@ -197,3 +220,52 @@ def test_bad_sdxl_options_are_one_line_before_anything_is_written(tmp_path, extr
     with pytest.raises(UserError, match=message):
         preflight(cfg)
     assert not (tmp_path / "runs").exists()
+
+
+# ---- the shipped SDXL presets, on the tiny SDXL -------------------------------------------
+
+CONFIGS = __import__("pathlib").Path(__file__).parents[1] / "configs"
+TINY_RUN = ["model.name_or_path=tiny-sdxl", "model.dtype=float32", "sampler.steps=2", "sampler.height=32", "sampler.width=32",
+            "data.resolution=32", "data.eval_prompts=[a red circle]", "data.eval_seeds=[0,1]", "train.steps=1",
+            "train.grad_accum=1", "train.eval_every=0", "ray.use_gpu=false", "ray.num_workers=1"]  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    "preset, exported",
+    [
+        ("sdxl-draftplus.yaml", "kohya_lora.safetensors"),
+        ("sdxl-dreambooth-lora.yaml", "kohya_lora.safetensors"),
+        ("sdxl-negative-lora.yaml", "pytorch_lora_weights.safetensors"),
+        ("sdxl-textual-inversion.yaml", "learned_embeds.safetensors"),
+    ],
+)
+def test_each_sdxl_preset_runs_one_step_on_the_tiny_sdxl(tmp_path, preset, exported):
+    """Only the model and sizes are overridden: the preset's objective, trainable set, memory switches and
+    reward (PickScore needs real weights: swapped for the weight-free colourfulness) run as shipped."""
+    from rayjobs.loop import train_loop
+    from rayjobs.train import preflight
+
+    data = tmp_path / "data"
+    write_toy_images(data, 2, captions=False)
+    reward = ["reward.name=colorfulness", "reward.kwargs={}"] if "draftplus" in preset else []
+    tokens = ["trainable.tokens=[{token: <cat-toy>, num_vectors: 2, init_token: circle}]"] if "inversion" in preset else []
+    cfg = load_config(CONFIGS / preset, TINY_RUN + [f"run.output_dir={tmp_path}", f"data.source={data}", *reward, *tokens])
+    cfg = preflight(cfg)  # as `draftray train` does: the LPIPS metric falls back to pairwise_rms offline
+    assert cfg.sampler.guidance == 5.0 and cfg.model.name_or_path == "tiny-sdxl"
+    train_loop(cfg, tmp_path / "run", LocalContext(tmp_path / "run"))
+    assert (tmp_path / "run" / "export" / exported).is_file()
+
+
+def test_dreambooth_with_prior_draws_class_images_with_the_sdxl_sampler(tmp_path):
+    data = tmp_path / "data"
+    write_toy_images(data, 2, captions=False)
+    cfg = load_config(CONFIGS / "sdxl-dreambooth-lora.yaml", TINY_RUN + [
+        f"run.output_dir={tmp_path}", f"data.source={data}", "objective.preset=dreambooth",
+        f"data.class_dir={tmp_path / 'class'}", "data.class_prompt=a star", "data.num_class_images=2", "train.batch_size=1"])  # fmt: skip
+    from rayjobs.train import preflight
+
+    worker = Worker(preflight(cfg), LocalContext(tmp_path / "run"))
+    worker.make_class_images()
+    assert len(list((tmp_path / "class").glob("*.png"))) == 2
+    metrics = worker.train_step(0)
+    assert metrics["finite"] == 1.0 and metrics["prior"] > 0
