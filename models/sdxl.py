@@ -117,12 +117,13 @@ def build_tiny_sdxl(seed: int = TINY_SDXL_SEED, image_size: int = 32) -> Compone
 
 
 def _model_index(name_or_path: str, revision: str | None) -> dict | None:
-    """model_index.json of a local directory or a cached hub id, or None when there is none to read offline."""
-    local = Path(name_or_path).expanduser() / "model_index.json"
-    if local.is_file():
-        return json.loads(local.read_text(encoding="utf-8"))
-    if Path(name_or_path).expanduser().exists():
-        return None
+    """model_index.json of a local directory or of a hub id ("org/name", from the cache, or fetched where the
+    user allows the network, as from_pretrained would), or None when there is none."""
+    path = Path(name_or_path).expanduser()
+    if (path / "model_index.json").is_file():
+        return json.loads((path / "model_index.json").read_text(encoding="utf-8"))
+    if path.exists() or path.is_absolute() or name_or_path.startswith(".") or name_or_path.count("/") != 1:
+        return None  # local, or no hub id: nothing to ask the hub
     try:
         from huggingface_hub import hf_hub_download
 
@@ -133,8 +134,8 @@ def _model_index(name_or_path: str, revision: str | None) -> dict | None:
 
 def is_sdxl_source(name_or_path: str, revision: str | None = None) -> bool:
     """True for the tiny SDXL and for a diffusers layout with a second text encoder."""
-    if name_or_path == "tiny-sdxl":
-        return True
+    if name_or_path in ("tiny-sdxl", "tiny", "toy"):  # the built-in models (components.TINY_SDXL, TINY, TOY)
+        return name_or_path == "tiny-sdxl"
     if (Path(name_or_path).expanduser() / "text_encoder_2").is_dir():
         return True
     index = _model_index(name_or_path, revision)

@@ -269,3 +269,16 @@ def test_dreambooth_with_prior_draws_class_images_with_the_sdxl_sampler(tmp_path
     assert len(list((tmp_path / "class").glob("*.png"))) == 2
     metrics = worker.train_step(0)
     assert metrics["finite"] == 1.0 and metrics["prior"] > 0
+
+
+def test_telling_sdxl_from_sd15_never_asks_the_hub_for_local_or_built_in_models(tmp_path, monkeypatch):
+    import huggingface_hub
+
+    from models.sdxl import is_sdxl_source
+
+    def no_network(*args, **kwargs):
+        raise AssertionError("asked the hub")
+
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", no_network)
+    save_components(load_components("tiny-sdxl"), tmp_path / "xl")
+    assert [is_sdxl_source(n) for n in ("toy", "tiny", "tiny-sdxl", str(tmp_path / "xl"), "./missing")] == [False, False, True, True, False]
