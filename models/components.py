@@ -24,6 +24,8 @@ from models.tokenizer import build_clip_tokenizer
 
 TINY = "tiny"
 TINY_SDXL = "tiny-sdxl"  # models/sdxl.build_tiny_sdxl
+TINY_INPAINT = "tiny-inpaint"  # build_tiny(unet_in_channels=9): an inpainting UNet (latents, mask, masked image)
+BUILT_IN = (TINY, TINY_SDXL, TINY_INPAINT)  # built in code from a seed: nothing to load
 TINY_SEED = 0  # the random tiny model's weights are a pure function of this seed
 TOY = "toy"
 # The toy world's pretrained model, shipped with the package (issue 3; model card in its README.md).
@@ -129,7 +131,8 @@ class Components:
 
 
 def build_small_sd(
-    seed: int, vae_channels: tuple[int, ...], unet_channels: tuple[int, ...], image_size: int, text_dim: int, text_ff: int
+    seed: int, vae_channels: tuple[int, ...], unet_channels: tuple[int, ...], image_size: int, text_dim: int, text_ff: int,
+    unet_in_channels: int = 4,
 ) -> Components:
     """A small SD 1.x-architecture model with random weights drawn from ``seed`` (trainable, not frozen).
 
@@ -153,7 +156,7 @@ def build_small_sd(
         )
         unet = UNet2DConditionModel(
             sample_size=latent_size,
-            in_channels=4,
+            in_channels=unet_in_channels,
             out_channels=4,
             block_out_channels=unet_channels,
             layers_per_block=1,
@@ -178,9 +181,11 @@ def build_small_sd(
     return Components(unet, vae, text_encoder, build_clip_tokenizer(), DDIMScheduler(**SD15_SCHEDULER))
 
 
-def build_tiny(seed: int = TINY_SEED) -> Components:
-    """A tiny SD-architecture model, seeded, frozen: 32 px images, 4x16x16 latents, 32-d text."""
-    return frozen(build_small_sd(seed, vae_channels=(32, 64), unet_channels=(32, 64), image_size=32, text_dim=32, text_ff=64))
+def build_tiny(seed: int = TINY_SEED, unet_in_channels: int = 4) -> Components:
+    """A tiny SD-architecture model, seeded, frozen: 32 px images, 4x16x16 latents, 32-d text.
+    ``unet_in_channels`` 9: the SD inpainting architecture (latents, mask, masked-image latents)."""
+    return frozen(build_small_sd(seed, vae_channels=(32, 64), unet_channels=(32, 64), image_size=32, text_dim=32, text_ff=64,
+                                 unet_in_channels=unet_in_channels))
 
 
 def frozen(comps: Components) -> Components:
@@ -191,7 +196,7 @@ def frozen(comps: Components) -> Components:
 
 
 def load_components(name_or_path: str, revision: str | None = None, vae: str | None = None) -> Components:
-    """Load components by name: ``tiny``, ``tiny-sdxl``, ``toy``, a local diffusers directory, or a hub id.
+    """Load components by name: ``tiny``, ``tiny-sdxl``, ``tiny-inpaint``, ``toy``, a local diffusers directory, or a hub id.
 
     A directory or id with ``text_encoder_2/`` is SDXL (models/sdxl.py). ``vae``: another VAE in
     diffusers layout (a directory with config.json, or a hub id), e.g. the fp16-fix SDXL VAE.
@@ -200,8 +205,9 @@ def load_components(name_or_path: str, revision: str | None = None, vae: str | N
     """
     from models import sdxl
 
-    if name_or_path in (TINY, TINY_SDXL):
-        comps = build_tiny() if name_or_path == TINY else sdxl.build_tiny_sdxl()
+    if name_or_path in BUILT_IN:
+        builders = {TINY: build_tiny, TINY_SDXL: sdxl.build_tiny_sdxl, TINY_INPAINT: lambda: build_tiny(unet_in_channels=9)}
+        comps = builders[name_or_path]()
     else:
         check_model_source(name_or_path)
         if name_or_path == TOY:
@@ -249,7 +255,7 @@ def check_model_source(name_or_path: str) -> None:
 
     Hub ids (one '/', no such local path) are left to from_pretrained.
     """
-    if name_or_path in (TINY, TINY_SDXL):
+    if name_or_path in BUILT_IN:
         return
     if name_or_path == TOY:
         if not (TOY_DIR / "model_index.json").is_file():

@@ -13,9 +13,11 @@ from dataclasses import dataclass
 from typing import Callable
 
 import torch
+import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from models.components import vae_precision
+from models.inpaint import InpaintInputs, is_inpainting_unet
 from models.ip2p import dropout_masks, ip2p_denoise_inputs
 from models.policy import Policy, unet_eps
 from models.sampler import SamplerSettings, sample
@@ -99,6 +101,7 @@ class DenoiseSettings:
     noise_offset: float = 0.0  # eps += offset * N(0, 1) per (sample, channel) (Guttenberg's noise offset)
     target: str = "scheduler"  # "scheduler" (its prediction_type), "epsilon" or "v_prediction"
     conditioning_dropout: float = 0.0  # p of InstructPix2Pix dropout (text only, image only, both: p each)
+    masked_loss: bool = False  # inpainting: average the denoise error inside the mask only (batch "mask")
 
 
 class Objective:
@@ -135,7 +138,8 @@ class Objective:
         if self.w.reward or self.w.kl:
             total, metrics = self._sampled_terms(policy, batch)
         if self.w.denoise:
-            d = denoise_loss(policy, batch["latents"], batch["captions"], batch["generator"], self.denoise, batch.get("cond_latents"))
+            d = denoise_loss(policy, batch["latents"], batch["captions"], batch["generator"], self.denoise, batch.get("cond_latents"),
+                             inpaint_mask=batch.get("mask"), masked_latents=batch.get("masked_latents"))
             total = total + self.w.denoise * d  # [B]; the reward batch has the same B (train.batch_size)
             metrics["denoise"] = d.detach().mean()
         if self.w.prior:
@@ -147,7 +151,11 @@ class Objective:
         return loss, metrics
 
     def _sampled_terms(self, policy: Policy, batch: dict) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        out = sample(policy, batch["prompts"], self.sampler, batch["generator"], with_ref=self.w.kl > 0)
+        inpaint = None
+        if "inpaint_pixels" in batch:  # DRaFT+ on masks: repaint the hole; the reward sees the composite
+            s = self.sampler
+            inpaint = InpaintInputs(batch["inpaint_pixels"], batch["inpaint_mask"], s.inpaint_strength, s.paste_back)
+        out = sample(policy, batch["prompts"], self.sampler, batch["generator"], with_ref=self.w.kl > 0, inpaint=inpaint)
         if self.reward_checkpointing and torch.is_grad_enabled():
             rewards, parts = checkpoint(score_parts, self.reward, out.images, batch["prompts"], use_reentrant=False)
         else:
@@ -179,6 +187,8 @@ def denoise_loss(
     settings: DenoiseSettings = DenoiseSettings(),
     cond_latents: torch.Tensor | None = None,
     mask: torch.Tensor | None = None,
+    inpaint_mask: torch.Tensor | None = None,
+    masked_latents: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Supervised diffusion loss on data latents (already scaled by the VAE factor): [B, C, h, w] -> [B].
 
@@ -186,7 +196,10 @@ def denoise_loss(
     (if any), t ~ U{0..T_train-1} [B], then the dropout draw (with ``cond_latents``).
     x_t = add_noise(x_0, eps, t); target eps or v; optional min-SNR weight. ``cond_latents``: the
     InstructPix2Pix conditioning image's latents, concatenated to x_t along channels, with the
-    text / image / both dropped per ``settings.conditioning_dropout``.
+    text / image / both dropped per ``settings.conditioning_dropout``. ``inpaint_mask`` [B, 1, H, W]
+    (pixel size, 1 = hole) and ``masked_latents`` [B, 4, h, w]: an inpainting UNet (9 channels) gets
+    cat(x_t, mask at latent size, masked latents), as diffusers' inpainting training builds it; with
+    ``settings.masked_loss`` the error is averaged inside the mask only (else over ``mask``, if given).
     """
     sched = training_scheduler(policy.components.scheduler)  # DDPM form, whatever the sampler (SDXL: Euler)
     b = latents.shape[0]
@@ -205,6 +218,12 @@ def denoise_loss(
         drop_text, drop_image = (m.to(latents.device) for m in dropout_masks(b, settings.conditioning_dropout, generator))  # [B], [B]
         null = policy.encode_prompts([""])  # [1]
         noisy, cond = ip2p_denoise_inputs(noisy, cond_latents.to(noisy.dtype), cond, null, drop_text, drop_image)  # [B, 2C, h, w]
+    if inpaint_mask is not None:
+        mask_latent = F.interpolate(inpaint_mask.to(noisy.dtype), size=latents.shape[2:])  # [B, 1, h, w]
+        if is_inpainting_unet(policy.unet):
+            noisy = torch.cat([noisy, mask_latent, masked_latents.to(noisy.dtype)], dim=1)  # [B, 9, h, w]
+        if settings.masked_loss:
+            mask = mask_latent
     if policy.gradient_checkpointing and torch.is_grad_enabled():  # recompute the UNet's activations in backward
         pred = checkpoint(unet_eps, policy.net, noisy, t, cond, use_reentrant=False)
     else:

@@ -160,20 +160,26 @@ class Policy:
             both = self.encode_prompts([negative_prompt] * len(prompts) + list(prompts))  # [2B]
         return both.with_size(height, width)
 
-    def eps(self, latents: torch.Tensor, t: torch.Tensor, cond: Conditioning, guidance: float) -> torch.Tensor:
-        """CFG-combined noise prediction of the trained UNet (with grad if enabled)."""
-        return guided_eps(self.net, self._unet_input(latents), t, cond, guidance)
+    def eps(self, latents: torch.Tensor, t: torch.Tensor, cond: Conditioning, guidance: float,
+            extra: torch.Tensor | None = None) -> torch.Tensor:
+        """CFG-combined noise prediction of the trained UNet (with grad if enabled). ``extra``: channels
+        appended to the latents (an inpainting UNet's mask and masked-image latents, [B, 5, h, w])."""
+        return guided_eps(self.net, self._unet_input(latents, extra), t, cond, guidance)
 
     @torch.no_grad()
-    def eps_ref(self, latents: torch.Tensor, t: torch.Tensor, cond: Conditioning, guidance: float) -> torch.Tensor:
+    def eps_ref(self, latents: torch.Tensor, t: torch.Tensor, cond: Conditioning, guidance: float,
+                extra: torch.Tensor | None = None) -> torch.Tensor:
         """CFG-combined noise prediction of the frozen reference, on the same x_t."""
         with self.reference() as ref:
-            return guided_eps(ref, self._unet_input(latents), t, cond, guidance)
+            return guided_eps(ref, self._unet_input(latents, extra), t, cond, guidance)
 
-    def _unet_input(self, latents: torch.Tensor) -> torch.Tensor:
-        """Text-to-image sampling of an InstructPix2Pix UNet (8 input channels) runs its image-dropped
-        branch: a zero conditioning image, which conditioning dropout trains (models/ip2p.py).
-        Editing an input image is models/ip2p.edit. [B, 4, h, w] -> [B, in_channels, h, w]."""
+    def _unet_input(self, latents: torch.Tensor, extra: torch.Tensor | None = None) -> torch.Tensor:
+        """latents [B, 4, h, w] and ``extra`` [B, E, h, w] concatenated along channels. Text-to-image sampling
+        of an InstructPix2Pix UNet (8 input channels) runs its image-dropped branch: zeros fill the
+        channels still missing, a zero conditioning image, which conditioning dropout trains (models/ip2p.py).
+        Editing an input image is models/ip2p.edit. -> [B, in_channels, h, w]."""
+        if extra is not None:
+            latents = torch.cat([latents, extra.to(latents.dtype)], dim=1)  # [B, 4 + E, h, w]
         missing = self.unet.config.in_channels - latents.shape[1]
         if missing <= 0:
             return latents

@@ -24,6 +24,8 @@ from diffusers.utils.torch_utils import randn_tensor
 from torch.utils.checkpoint import checkpoint
 
 from models.components import vae_precision
+from models.inpaint import InpaintInputs, is_inpainting_unet, paste_back, prepare, strength_timesteps
+from models.inpaint import blend as inpaint_blend
 from models.policy import Policy
 from models.schedulers import SCHEDULERS, scheduler_for, step_kwargs
 
@@ -42,6 +44,8 @@ class SamplerSettings:
     gradient_checkpointing: bool = False  # recompute UNet activations of gradient steps in backward
     vae_checkpointing: bool = False  # recompute the VAE decoder's activations in backward (1024 px SDXL: GBs)
     scheduler: str | None = None  # solver name in models.schedulers.SCHEDULERS; None: the components' own
+    inpaint_strength: float = 1.0  # masked generation (models/inpaint.py): 1 = from noise, < 1 = from the noised image
+    paste_back: bool = True  # masked generation: the known image outside the mask, in pixel space (what a reward sees)
 
     def __post_init__(self):
         if self.steps < 1:
@@ -90,40 +94,59 @@ def sample(
     track_grad: bool = True,
     latents: torch.Tensor | None = None,
     blend: tuple[float, ...] | None = None,
+    inpaint: InpaintInputs | None = None,
 ) -> SampleOutput:
     """Draw one image per prompt; gradient flows through the last K steps when ``track_grad``.
 
     ``blend`` (inference only): per-step weights w_i of annealed importance guidance,
     eps_i = (1 - w_i) eps_ref + w_i eps (models/inference.py); w_i = 0 or 1 runs one network only,
     so an all-0 blend is exactly the reference model and an all-1 blend exactly the policy.
+    ``inpaint``: repaint the masked part of a known image (models/inpaint.py), as diffusers'
+    StableDiffusionInpaintPipeline does, with a 9-channel inpainting UNet or a 4-channel one; the
+    image size is the input's. An inpainting UNet without ``inpaint`` draws whole images (all hole).
     """
     if blend is not None and (track_grad or len(blend) != settings.steps):
         raise ValueError(f"blend is for inference (track_grad=False) and needs one weight per step ({settings.steps})")
     if not track_grad:  # pure inference: inference_mode skips autograd bookkeeping (faster than no_grad)
         with torch.inference_mode():
-            return _sample(policy, prompts, settings, generator, with_ref, False, latents, blend)
-    return _sample(policy, prompts, settings, generator, with_ref, True, latents, None)
+            return _sample(policy, prompts, settings, generator, with_ref, False, latents, blend, inpaint)
+    return _sample(policy, prompts, settings, generator, with_ref, True, latents, None, inpaint)
 
 
-def _blended_eps(policy: Policy, x_t, t, cond, guidance: float, w: float) -> torch.Tensor:
+def _blended_eps(policy: Policy, x_t, t, cond, guidance: float, w: float, extra=None) -> torch.Tensor:
     """(1 - w) eps_ref + w eps, computing only the networks whose weight is non-zero."""
     if w == 1.0:
-        return policy.eps(x_t, t, cond, guidance)
-    ref = policy.eps_ref(x_t, t, cond, guidance)
-    return ref if w == 0.0 else (1 - w) * ref + w * policy.eps(x_t, t, cond, guidance)
+        return policy.eps(x_t, t, cond, guidance, extra)
+    ref = policy.eps_ref(x_t, t, cond, guidance, extra)
+    return ref if w == 0.0 else (1 - w) * ref + w * policy.eps(x_t, t, cond, guidance, extra)
 
 
-def _sample(policy, prompts, settings, generator, with_ref, track_grad, latents, blend=None) -> SampleOutput:
+def _start(policy, prompts, settings, generator, latents, inpaint, scheduler, dtype):
+    """(timesteps, x at the first one, the inpainting tensors or None) for one pass."""
+    comps = policy.components
+    device = next(comps.unet.parameters()).device
+    scheduler.set_timesteps(settings.steps, device=device)  # also resets multistep state
+    if inpaint is None and is_inpainting_unet(comps.unet):
+        inpaint = InpaintInputs.whole_image(len(prompts), settings.height, settings.width, latents if latents is not None else torch.empty(0, device=device))
+    if inpaint is None:  # PNDM may take more model calls than steps
+        start = latents if latents is not None else initial_latents(policy, len(prompts), settings, generator, device, dtype, scheduler)
+        return scheduler.timesteps, start, None
+    timesteps = strength_timesteps(scheduler, settings.steps, inpaint.strength)
+    prepared = prepare(inpaint, comps.vae, comps.unet.config.in_channels, scheduler, timesteps, generator, dtype, comps.vae_scale_factor)
+    return timesteps, latents if latents is not None else prepared.latents, prepared
+
+
+def _sample(policy, prompts, settings, generator, with_ref, track_grad, latents, blend=None, inpaint=None) -> SampleOutput:
     comps = policy.components
     scheduler = scheduler_for(comps.scheduler, settings.scheduler)
-    unet_param = next(comps.unet.parameters())
-    cond = policy.condition(list(prompts), settings.negative_prompt, settings.height, settings.width)  # [2B] uncond; cond
-    scheduler.set_timesteps(settings.steps, device=unet_param.device)  # also resets multistep state
-    timesteps = scheduler.timesteps  # PNDM may take more model calls than steps
+    size = tuple(inpaint.pixels.shape[2:]) if inpaint is not None else (settings.height, settings.width)
+    cond = policy.condition(list(prompts), settings.negative_prompt, *size)  # [2B] uncond; cond
+    timesteps, latents, prepared = _start(policy, prompts, settings, generator, latents, inpaint, scheduler, cond.dtype)
+    unet_extra = prepared.unet_extra() if prepared is not None else None  # [B, 5, h, w] for a 9-channel UNet
     if blend is not None and len(blend) != len(timesteps):
         raise ValueError(f"blend needs one weight per scheduler timestep ({len(timesteps)}), got {len(blend)}")
-    if latents is None:
-        latents = initial_latents(policy, len(prompts), settings, generator, unet_param.device, cond.dtype, scheduler)
+    if settings.truncation_steps > len(timesteps):
+        raise ValueError(f"truncation_steps K={settings.truncation_steps} exceeds the {len(timesteps)} steps left at this strength")
     extra = step_kwargs(scheduler, settings.eta, generator)
     first_grad = len(timesteps) - settings.truncation_steps
     eps_all, ref_all, grad_ts = [], [], []
@@ -132,18 +155,22 @@ def _sample(policy, prompts, settings, generator, with_ref, track_grad, latents,
         with torch.set_grad_enabled(grad_step):
             x_t = scheduler.scale_model_input(latents, t)
             if grad_step and settings.gradient_checkpointing:
-                eps = checkpoint(policy.eps, x_t, t, cond, settings.guidance, use_reentrant=False)
+                eps = checkpoint(policy.eps, x_t, t, cond, settings.guidance, unet_extra, use_reentrant=False)
             elif blend is not None:
-                eps = _blended_eps(policy, x_t, t, cond, settings.guidance, blend[i])
+                eps = _blended_eps(policy, x_t, t, cond, settings.guidance, blend[i], unet_extra)
             else:
-                eps = policy.eps(x_t, t, cond, settings.guidance)
+                eps = policy.eps(x_t, t, cond, settings.guidance, unet_extra)
             if i >= first_grad:
                 eps_all.append(eps)
                 grad_ts.append(int(t))
                 if with_ref:
-                    ref_all.append(policy.eps_ref(x_t, t, cond, settings.guidance))
+                    ref_all.append(policy.eps_ref(x_t, t, cond, settings.guidance, unet_extra))
             latents = scheduler.step(eps, t, latents, **extra, return_dict=False)[0]
+            if prepared is not None:  # 4-channel inpainting: the known image outside the mask
+                latents = inpaint_blend(prepared, scheduler, latents, timesteps, i)
     images = decode(policy, latents, generator, checkpointed=track_grad and settings.vae_checkpointing)
+    if inpaint is not None and inpaint.paste_back:
+        images = paste_back(images, inpaint)
     return SampleOutput(
         images=images,
         latents=latents,

@@ -134,8 +134,10 @@ def _model_index(name_or_path: str, revision: str | None) -> dict | None:
 
 def is_sdxl_source(name_or_path: str, revision: str | None = None) -> bool:
     """True for the tiny SDXL and for a diffusers layout with a second text encoder."""
-    if name_or_path in ("tiny-sdxl", "tiny", "toy"):  # the built-in models (components.TINY_SDXL, TINY, TOY)
-        return name_or_path == "tiny-sdxl"
+    from models.components import BUILT_IN, TINY_SDXL, TOY
+
+    if name_or_path in BUILT_IN or name_or_path == TOY:  # built in code, or shipped
+        return name_or_path == TINY_SDXL
     if (Path(name_or_path).expanduser() / "text_encoder_2").is_dir():
         return True
     index = _model_index(name_or_path, revision)

@@ -49,7 +49,7 @@ def _parser() -> argparse.ArgumentParser:
     _toy_parser(sub)
     submit.add_parsers(sub)
 
-    s = sub.add_parser("sample", help="generate (or, with --image, edit) images with diffusers' pipelines (+ a trained LoRA / embeddings)")
+    s = sub.add_parser("sample", help="generate (or, with --image, edit; with --image --mask, inpaint) images with diffusers' pipelines (+ a trained LoRA / embeddings)")
     s.add_argument("--model", required=True, help="'tiny', 'tiny-sdxl', 'toy', a diffusers-layout directory (SD 1.x or SDXL), or a hub id")
     s.add_argument("--lora", help="directory holding pytorch_lora_weights.safetensors (a run's export/)")
     s.add_argument("--prompt", required=True, help="the text prompt")
@@ -70,8 +70,14 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--refiner-start", type=float, default=0.8, help="with --refiner: the fraction of the steps the base runs before the refiner (in (0, 1))")
     s.add_argument("--prompt-weighting", choices=["none", "compel"], default="none",
                    help="'compel': weighted prompts like '(oil on canvas)+++' or '(word)1.3' (needs pip install 'draftray[compel]')")
-    s.add_argument("--image", help="InstructPix2Pix: edit this image (the model's UNet must have 8 input channels)")
+    s.add_argument("--image", help="InstructPix2Pix: edit this image (the model's UNet must have 8 input channels); with --mask: the image to inpaint")
     s.add_argument("--image-guidance", type=float, default=1.5, help="InstructPix2Pix image guidance scale (with --image)")
+    s.add_argument("--mask", help="inpainting: repaint the white part of this mask over --image (black = keep; grey thresholded at 0.5); "
+                                  "any SD 1.x or SDXL model, a dedicated 9-channel inpainting UNet or a 4-channel text-to-image one")
+    s.add_argument("--strength", type=float, default=None,
+                   help="with --mask: how much noise covers the masked region, in (0, 1] (default 1.0: repaint from pure noise)")
+    s.add_argument("--paste-back", action="store_true",
+                   help="with --mask: copy the input's pixels back outside the mask, so only the white part changes")
     s.add_argument("--out", required=True, help="output directory for PNGs")
     _score_parser(sub)
     _weights_parser(sub)

@@ -58,8 +58,9 @@ class TrainableConfig(_Strict):
     token_norm_target: float | None = Field(
         None, gt=0, description="after each step pull the new rows' norms toward this value (cloneofsimo's clip_ti_decay; 0.4 there); None = off"
     )
-    unet_in_channels: Literal[4, 8] = Field(
-        4, description="8 = InstructPix2Pix: the UNet input gains 4 zero-initialised channels for the conditioning image's latents"
+    unet_in_channels: Literal[4, 8, 9] = Field(
+        4, description="the UNet's input channels. 8 = InstructPix2Pix: a 4-channel UNet gains 4 zero-initialised channels for "
+        "the conditioning image's latents. 9 = an inpainting model (latents, mask, masked-image latents): the base must be one"
     )
     ema_decay: float | None = Field(None, gt=0, lt=1, description="exponential moving average of the trainable weights (exported instead of them); None = off")
 
@@ -89,6 +90,11 @@ class SamplerConfig(_Strict):
         "", description="text of the unconditional branch of CFG. SDXL: an empty one is all-zero text states, as diffusers' "
         "StableDiffusionXLPipeline does for negative_prompt=None (force_zeros_for_empty_prompt)"
     )
+    inpaint_strength: float = Field(
+        1.0, gt=0, le=1, description="masked generation (data.inpaint): 1 = the hole starts from noise, < 1 = from the image "
+        "noised to that fraction of the schedule (fewer steps: int(steps * strength))"
+    )
+    paste_back: bool = Field(True, description="masked generation: the input image outside the mask, in pixel space, before the reward scores it")
     scheduler: Literal["ddim", "pndm", "euler", "euler_a", "dpmsolver++"] | None = Field(
         None, description="sampling scheduler (models/schedulers.py), built from the model's noise schedule; None = the model's own "
         "(DDIM for SD 1.x models, which load their scheduler as DDIM; SDXL keeps its own, Euler for the released base)"
@@ -142,6 +148,7 @@ class ObjectiveConfig(_Strict):
     )
     min_snr_gamma: float | None = Field(None, gt=0, description="min-SNR-gamma loss weighting of the denoise terms (Hang et al. 2023; 5 there); None = off")
     noise_offset: float = Field(0.0, ge=0, description="add noise_offset * N(0, 1) per channel to the training noise (darker/brighter images); 0.05-0.1 typical")
+    masked_loss: bool = Field(False, description="inpainting (data.inpaint): the denoise terms average their error inside the mask only")
     conditioning_dropout: float | None = Field(
         None, ge=0, le=1 / 3, description="p: drop the text only, the image only and both, each with probability p "
         "(InstructPix2Pix classifier-free guidance); None = preset's (instructpix2pix 0.05, else 0)"
@@ -249,6 +256,10 @@ class Config(_Strict):
             raise ValueError(f"optim.phases: steps sum to {sum(p.steps for p in self.optim.phases)}, train.steps is {self.train.steps}")
         if self.data.conditioning_column and self.trainable.unet_in_channels != 8:
             raise ValueError("trainable.unet_in_channels: a conditioning image (data.conditioning_column) needs 8 UNet input channels")
+        if self.trainable.unet_in_channels == 9 and not self.data.inpaint:
+            raise ValueError("data.inpaint: an inpainting UNet (trainable.unet_in_channels: 9) trains on masks; set data.inpaint: true")
+        if self.objective.masked_loss and not self.data.inpaint:
+            raise ValueError("objective.masked_loss: needs masks (data.inpaint: true)")
         if self.data.eval_images and self.trainable.unet_in_channels != 8:
             raise ValueError("data.eval_images: validation edits need an InstructPix2Pix UNet (trainable.unet_in_channels: 8)")
         if self.data.cache_text_embeddings and (self.trainable.text_encoder != "none" or self.trainable.tokens):

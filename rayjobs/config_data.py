@@ -5,6 +5,7 @@ Which parts a run reads follows from the objective's weights (rayjobs/batches.py
     reward or kl weight > 0   prompts / prompts_file          one prompt per image sampled
     denoise weight > 0        source (+ conditioning_column)  image-caption (or edit-triple) records
     prior weight > 0          class_dir + class_prompt        DreamBooth class images (generated if short)
+    inpaint                   source (+ mask_kind, mask_column) a mask per item of data.source (docs/data.md)
 
 Layouts of ``source`` and the prompt files: docs/data.md. Derived sizes:
 
@@ -13,6 +14,8 @@ Layouts of ``source`` and the prompt files: docs/data.md. Derived sizes:
 """
 
 from __future__ import annotations
+
+from typing import Literal
 
 from pydantic import Field, model_validator
 
@@ -89,6 +92,26 @@ class DataConfig(_Strict):
         "trainable.text_encoder none and no placeholder tokens); under <run.output_dir>/.cache/text",
     )
 
+    # -- masks (inpainting) --
+    inpaint: bool = Field(
+        False,
+        description="masked generation/training: each item of data.source gets a mask (1 = white = repaint); the denoise "
+        "terms of a 9-channel (inpainting) UNet see the mask and the masked image's latents, the reward terms repaint the "
+        "masked region of data.source images (needs source; not with cache_latents)",
+    )
+    mask_kind: Literal["rectangles", "strokes", "mixed", "dataset"] = Field(
+        "mixed",
+        description="where masks come from: rectangles (1-3 boxes, sides 10-75% of the image), strokes (1-4 brush polylines), "
+        "mixed (per sample one or the other, p = 0.5), all drawn per (train.seed, rank, step, micro-batch) "
+        "(models/masks.py); dataset = a mask image per record (mask_column, or <stem>.mask.png beside each image of a folder)",
+    )
+    mask_column: str | None = Field(
+        None,
+        description="column of the mask image in metadata.jsonl / parquet / save_to_disk sources (mask_kind dataset); "
+        "None for a folder of images, whose masks are <stem>.mask.png beside each image; same size as its image, grayscale, "
+        "white (>= 128) = repaint",
+    )
+
     # -- class images (prior term, DreamBooth prior preservation) --
     class_dir: str | None = Field(
         None,
@@ -104,4 +127,12 @@ class DataConfig(_Strict):
             raise ValueError("class_dir and class_prompt go together (the prior term's images and their caption)")
         if self.cache_latents and (self.random_flip or not self.center_crop):
             raise ValueError("cache_latents needs deterministic images: center_crop true and random_flip false")
+        if self.mask_kind == "dataset" and not self.inpaint:
+            raise ValueError("mask_kind: dataset reads a mask per record, for inpainting only; set inpaint: true (or another mask_kind)")
+        if self.mask_column is not None and self.mask_kind != "dataset":
+            raise ValueError(f"mask_column is set but mask_kind is {self.mask_kind!r}; set mask_kind: dataset to read masks from it, or unset mask_column")
+        if self.inpaint and self.source is None:
+            raise ValueError("inpaint: masks belong to the images of data.source; set source")
+        if self.inpaint and self.cache_latents:
+            raise ValueError("inpaint: the masked images' latents change with every mask and are encoded every step; set cache_latents: false")
         return self

@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from rayjobs.data import ImageRef, Record, one_line
+from rayjobs.data import MASK, ImageRef, Record, one_line
 from rayjobs.errors import UserError
 
 COLUMN_HINT = "set data.image_column / data.conditioning_column / data.text_column to its column names"
@@ -53,10 +53,11 @@ def _table_record(row: dict, key: str, name: str, base: Path, columns: dict[str,
     return Record(key, images, text, "; ".join(problems) or None, name=name)
 
 
-def _columns(available: set[str], image_columns, text_column, fixed_caption, name: str, where: str, jsonl: bool) -> dict:
+def _columns(available: set[str], image_columns, text_column, fixed_caption, name: str, where: str, jsonl: bool, mask_column=None) -> dict:
     """Image column -> table column; UserError when the table lacks a needed column.
 
     metadata.jsonl also accepts ``<column>_file_name`` and, for a single image column, ``file_name``.
+    ``mask_column`` (inpainting masks) maps to the key MASK; jsonl also accepts ``<mask_column>_file_name``.
     """
     mapping = {}
     for column in image_columns:
@@ -67,6 +68,12 @@ def _columns(available: set[str], image_columns, text_column, fixed_caption, nam
         if not found:
             _missing(" or ".join(repr(c) for c in candidates), available, name, where)
         mapping[column] = found[0]
+    if mask_column is not None:
+        candidates = [mask_column] + ([f"{mask_column}_file_name"] if jsonl else [])
+        found = [c for c in candidates if c in available]
+        if not found:
+            _missing(" or ".join(repr(c) for c in candidates), available, name, where, "set data.mask_column to the mask's column")
+        mapping[MASK] = found[0]
     if fixed_caption is None and text_column not in available:
         _missing(repr(text_column), available, name, where)
     return mapping
@@ -77,19 +84,19 @@ def _wanted(columns: dict[str, str], text_column: str, fixed_caption) -> list[st
     return sorted(set(columns.values()) | ({text_column} if fixed_caption is None else set()))
 
 
-def _missing(what: str, available: set[str], name: str, where: str):
+def _missing(what: str, available: set[str], name: str, where: str, hint: str = COLUMN_HINT):
     have = ", ".join(sorted(available)) or "none"
-    raise UserError(one_line(f"{where} {name}: no column {what} (columns: {have}); {COLUMN_HINT}"))
+    raise UserError(one_line(f"{where} {name}: no column {what} (columns: {have}); {hint}"))
 
 
-def jsonl_records(root: Path, image_columns, text_column, fixed_caption, where) -> list[Record]:
+def jsonl_records(root: Path, image_columns, text_column, fixed_caption, where, mask_column=None) -> list[Record]:
     """imagefolder: ``root/metadata.jsonl``, one JSON object per line; keys ``metadata.jsonl#LINE``."""
     path = root / "metadata.jsonl"
     rows = read_jsonl(path, where)
     if not rows:
         raise UserError(f"{where} {path}: no rows (expected one JSON object per line)")
     available = set().union(*(row.keys() for _, row in rows))
-    columns = _columns(available, image_columns, text_column, fixed_caption, str(path), where, jsonl=True)
+    columns = _columns(available, image_columns, text_column, fixed_caption, str(path), where, jsonl=True, mask_column=mask_column)
     return [
         _table_record(row, f"metadata.jsonl#{line}", f"{path} line {line}", root, columns, text_column, fixed_caption)
         for line, row in rows
@@ -116,7 +123,7 @@ def read_jsonl(path: Path, where: str) -> list[tuple[int, dict]]:
     return rows
 
 
-def parquet_records(files: list[Path], root: Path, image_columns, text_column, fixed_caption, where) -> list[Record]:
+def parquet_records(files: list[Path], root: Path, image_columns, text_column, fixed_caption, where, mask_column=None) -> list[Record]:
     """Rows of every parquet file in order; keys ``<file relative to root>#ROW`` (0-based per file)."""
     import pyarrow as pa
     import pyarrow.parquet as pq
@@ -125,7 +132,7 @@ def parquet_records(files: list[Path], root: Path, image_columns, text_column, f
     for file in files:
         try:
             available = set(pq.read_schema(file).names)
-            columns = _columns(available, image_columns, text_column, fixed_caption, str(file), where, jsonl=False)
+            columns = _columns(available, image_columns, text_column, fixed_caption, str(file), where, jsonl=False, mask_column=mask_column)
             rows = pq.read_table(file, columns=_wanted(columns, text_column, fixed_caption)).to_pylist()
         except (pa.ArrowException, OSError) as err:
             raise UserError(one_line(f"{where} {file}: cannot read parquet ({err})")) from None
@@ -168,7 +175,7 @@ def _arrow_table(source):
         return pa.ipc.open_file(source).read_all()
 
 
-def arrow_records(root: Path, image_columns, text_column, fixed_caption, where) -> list[Record]:
+def arrow_records(root: Path, image_columns, text_column, fixed_caption, where, mask_column=None) -> list[Record]:
     """A ``Dataset.save_to_disk`` folder; keys ``<shard>.arrow#ROW`` (0-based per shard)."""
     import pyarrow as pa
 
@@ -178,7 +185,7 @@ def arrow_records(root: Path, image_columns, text_column, fixed_caption, where) 
             with pa.memory_map(str(file)) as source:  # rows are copied out before the map closes
                 table = _arrow_table(source)
                 available = set(table.column_names)
-                columns = _columns(available, image_columns, text_column, fixed_caption, str(file), where, jsonl=False)
+                columns = _columns(available, image_columns, text_column, fixed_caption, str(file), where, jsonl=False, mask_column=mask_column)
                 rows = table.select(_wanted(columns, text_column, fixed_caption)).to_pylist()
         except (pa.ArrowException, OSError) as err:
             raise UserError(one_line(f"{where} {file}: cannot read arrow file ({err})")) from None

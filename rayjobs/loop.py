@@ -86,6 +86,8 @@ def sampler_settings(cfg: Config) -> SamplerSettings:
         gradient_checkpointing=cfg.trainable.gradient_checkpointing,
         vae_checkpointing=cfg.memory.vae_checkpointing,
         scheduler=s.scheduler,
+        inpaint_strength=s.inpaint_strength,
+        paste_back=s.paste_back,
     )
 
 
@@ -124,7 +126,7 @@ class Worker:
         self.settings = sampler_settings(cfg)
         o = cfg.objective
         reward_w, kl, denoise, prior, dropout = o.weights
-        supervised = DenoiseSettings(o.min_snr_gamma, o.noise_offset, o.prediction_target, dropout)
+        supervised = DenoiseSettings(o.min_snr_gamma, o.noise_offset, o.prediction_target, dropout, o.masked_loss)
         self.objective = Objective(
             Weights(reward_w, kl, denoise, prior), self.settings, self.reward, supervised, cfg.memory.reward_checkpointing
         )

@@ -12,6 +12,7 @@ from __future__ import annotations
 import torch
 
 from models.components import Components, load_components
+from models.inpaint import INPAINT_CHANNELS
 from models.ip2p import expand_unet_inputs
 from models.textual_inversion import add_placeholder
 from rayjobs.config import Config
@@ -26,9 +27,16 @@ def prepare_components(cfg: Config) -> tuple[Components, dict[str, int]]:
     if cfg.memory.vae_tiling:
         comps.vae.enable_tiling()
     t = cfg.trainable
-    if comps.is_sdxl and t.unet_in_channels != comps.unet.config.in_channels:
+    have = comps.unet.config.in_channels
+    if comps.is_sdxl and t.unet_in_channels != have:
         raise UserError("trainable.unet_in_channels: InstructPix2Pix training is for SD 1.x models; this model is SDXL")
-    if t.unet_in_channels != comps.unet.config.in_channels:
+    if INPAINT_CHANNELS in (have, t.unet_in_channels) and have != t.unet_in_channels:
+        raise UserError(
+            f"trainable.unet_in_channels: {t.unet_in_channels}, but the model's UNet takes {have} input channels; "
+            + ("9-channel (inpainting) training needs an inpainting base model (e.g. runwayml/stable-diffusion-inpainting)"
+               if have != INPAINT_CHANNELS else "it is an inpainting model: set trainable.unet_in_channels: 9 and data.inpaint: true")
+        )
+    if t.unet_in_channels != have:
         try:
             expand_unet_inputs(comps.unet, t.unet_in_channels)
         except ValueError as err:

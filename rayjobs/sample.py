@@ -9,14 +9,20 @@ A LoRA loads with ``load_lora_weights`` (its strength is ``--lora-scale``), embe
 ``--refiner`` hands the base's latents over at ``--refiner-start`` to ``StableDiffusionXLImg2ImgPipeline``
 with the refiner's UNet, as diffusers' SDXL docs do ("ensemble of expert denoisers").
 ``--prompt-weighting compel`` passes compel's embeddings (models/prompt_weighting.py) instead of the text.
-docs/sampling.md has the plain-diffusers equivalent of each.
+``--image --mask`` inpaints with ``StableDiffusionInpaintPipeline`` (SDXL: ``StableDiffusionXLInpaintPipeline``),
+which takes a dedicated 9-channel inpainting UNet or a 4-channel text-to-image one; ``--paste-back``
+then copies the input's pixels back outside the mask (``paste_back``).
+docs/sampling.md and docs/inpainting.md have the plain-diffusers equivalent of each.
 """
 
 from __future__ import annotations
 
 import importlib.util
+import sys
+from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 
@@ -27,6 +33,8 @@ from rayjobs.errors import UserError
 
 TINY_REFINER = "tiny-refiner"  # models/sdxl.build_tiny_refiner, paired with the tiny SDXL's encoder and VAE
 SDXL_EMBEDDING_KEYS = ("clip_l", "clip_g")  # an SDXL embedding file: rows for text_encoder, text_encoder_2
+MASK_THRESHOLD = 128  # of 255: diffusers' mask processor binarises at 0.5 (>= 0.5 repaints)
+INPAINT_CHANNELS = (4, 9)  # UNet inputs the inpainting pipelines take: text-to-image, or latents + mask + masked-image latents
 
 
 def _local_or_hub(value: str) -> bool:
@@ -52,6 +60,22 @@ def _check(args) -> None:
             raise UserError(f"--embeddings {path}: no such file or directory (give learned_embeds.safetensors or its directory)")
     if args.image and not Path(args.image).is_file():
         raise UserError(f"--image {args.image}: no such file")
+    if args.mask is None:
+        for flag, given in (("--strength", args.strength is not None), ("--paste-back", args.paste_back)):
+            if given:
+                raise UserError(f"{flag} applies to inpainting: give --image and --mask")
+    else:
+        if not args.image:
+            raise UserError("--mask: give the image to inpaint with --image")
+        if args.height is not None or args.width is not None:
+            raise UserError("--height/--width: an inpainted image has the size of --image; drop them (resize the image and mask instead)")
+        if args.refiner:
+            raise UserError("--refiner: not supported with --mask (inpainting runs the base model only)")
+        strength = 1.0 if args.strength is None else args.strength
+        if not 0.0 < strength <= 1.0:
+            raise UserError(f"--strength must be in (0, 1], got {strength}")
+        if int(args.steps * strength) < 1:
+            raise UserError(f"--strength {strength} with --steps {args.steps} leaves no denoising step (int(steps * strength) = 0): raise either")
     if args.vae and (not _local_or_hub(args.vae) or (Path(args.vae).exists() and not (Path(args.vae) / "config.json").is_file())):
         raise UserError(f"--vae {args.vae}: no VAE there (give a diffusers-layout VAE directory with config.json, or a hub id)")
     if not 0.0 < args.refiner_start < 1.0:
@@ -73,7 +97,7 @@ def _components(args) -> Components:
         raise UserError(f"{which}: {err}") from None
     if comps.vae.config.latent_channels != comps.unet.config.out_channels:
         raise UserError(f"--vae {args.vae}: {comps.vae.config.latent_channels} latent channels, the UNet has {comps.unet.config.out_channels}")
-    if comps.is_sdxl and args.image:
+    if comps.is_sdxl and args.image and not args.mask:
         raise UserError("--image: InstructPix2Pix editing needs an SD 1.x InstructPix2Pix model; this is an SDXL model")
     if args.refiner and not comps.is_sdxl:
         raise UserError(f"--refiner: a refiner continues an SDXL base; {args.model!r} is SD 1.x")
@@ -88,9 +112,14 @@ def build_pipeline(args):
 
         comps.scheduler = make_scheduler(args.scheduler, comps.scheduler)
     pipe = comps.pipeline()
-    if args.image:
+    channels = comps.unet.config.in_channels
+    if args.mask:
+        pipe = _inpaint_pipeline(pipe, comps)
+    elif channels == 9:
+        raise UserError("--model: an inpainting model (its UNet has 9 input channels): give --image and --mask")
+    elif args.image:
         if comps.unet.config.in_channels != 8:
-            raise UserError(f"--image: the model's UNet has {comps.unet.config.in_channels} input channels; editing needs an InstructPix2Pix model (8)")
+            raise UserError(f"--image: the model's UNet has {comps.unet.config.in_channels} input channels; editing needs an InstructPix2Pix model (8); to inpaint, add --mask")
         from diffusers import StableDiffusionInstructPix2PixPipeline
 
         pipe = StableDiffusionInstructPix2PixPipeline(**pipe.components, requires_safety_checker=False)
@@ -99,6 +128,27 @@ def build_pipeline(args):
         pipe.load_lora_weights(args.lora, weight_name=LORA_FILE)
     for path in args.embeddings:
         _load_embeddings(pipe, Path(path), comps.is_sdxl, args.token)
+    return pipe
+
+
+def _inpaint_pipeline(pipe, comps: Components):
+    """diffusers' inpainting pipeline over the same modules; it takes a 9-channel inpainting UNet (latents, mask,
+    masked-image latents) or a 4-channel one (the known region's noised latents are blended in at each step)."""
+    channels = comps.unet.config.in_channels
+    if channels == 8:
+        raise UserError("--mask: this is an InstructPix2Pix model (8 input channels); inpaint with a 4- or 9-channel model, or drop --mask to edit")
+    if channels not in INPAINT_CHANNELS:
+        raise UserError(f"--mask: the model's UNet has {channels} input channels; inpainting needs 4 (text-to-image) or 9 (an inpainting model)")
+    if comps.is_sdxl:
+        from diffusers import StableDiffusionXLInpaintPipeline
+
+        pipe = StableDiffusionXLInpaintPipeline(**pipe.components, force_zeros_for_empty_prompt=comps.force_zeros_for_empty_prompt,
+                                                add_watermarker=False)  # fmt: skip
+    else:
+        from diffusers import StableDiffusionInpaintPipeline
+
+        pipe = StableDiffusionInpaintPipeline(**pipe.components, requires_safety_checker=False)
+    pipe.set_progress_bar_config(disable=True)
     return pipe
 
 
@@ -176,6 +226,7 @@ def _text(args, pipe, sdxl: bool, lora_scale: float | None) -> dict:
 def generate(args) -> list[Path]:
     """Writes ``--num-images`` PNGs (seed, seed+1, ...) and returns their paths."""
     _check(args)
+    inpaint = read_inpaint_inputs(args.image, args.mask) if args.mask else None  # before the model: bad files cost nothing
     pipe = build_pipeline(args)
     sdxl = getattr(pipe, "text_encoder_2", None) is not None
     refiner = build_refiner(args, pipe) if args.refiner else None
@@ -185,7 +236,12 @@ def generate(args) -> list[Path]:
     lora_scale = args.lora_scale if args.lora and args.lora_scale != 1.0 else None
     if lora_scale is not None:
         kwargs["cross_attention_kwargs"] = {"scale": lora_scale}
-    if args.image:
+    if inpaint is not None:
+        if inpaint.image.width % pipe.vae_scale_factor or inpaint.image.height % pipe.vae_scale_factor:
+            raise UserError(f"--image {args.image}: {inpaint.image.width}x{inpaint.image.height}, not a multiple of the VAE's {pipe.vae_scale_factor}")
+        strength = 1.0 if args.strength is None else args.strength
+        kwargs.update(image=inpaint.image, mask_image=inpaint.mask, strength=strength, height=inpaint.image.height, width=inpaint.image.width)
+    elif args.image:
         kwargs.update(image=_read_image(args.image), image_guidance_scale=args.image_guidance)
     else:
         kwargs.update(height=args.height or native, width=args.width or native)
@@ -203,15 +259,63 @@ def generate(args) -> list[Path]:
             latents = pipe(**text, generator=generator, denoising_end=args.refiner_start, output_type="latent", **kwargs).images
             image = refiner(**refiner_text, image=latents, denoising_start=args.refiner_start, num_inference_steps=args.steps,
                             generator=generator, **guidance).images[0]  # fmt: skip
+        if inpaint is not None and args.paste_back:
+            image = paste_back(image, inpaint.image, inpaint.mask)
         path = out / f"{i:03d}_seed{seed}.png"
         image.save(path)
         paths.append(path)
     return paths
 
 
-def _read_image(path: str) -> Image.Image:
+def _read_image(path: str, flag: str = "--image", mode: str = "RGB") -> Image.Image:
     try:
         with Image.open(path) as image:
-            return image.convert("RGB")
-    except (OSError, UnidentifiedImageError) as err:
-        raise UserError(f"--image {path}: cannot read the image ({err})") from None
+            return image.convert(mode)
+    except (OSError, UnidentifiedImageError, ValueError) as err:
+        raise UserError(f"{flag} {path}: cannot read the image ({str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__})") from None
+
+
+@dataclass
+class InpaintInputs:
+    image: Image.Image  # RGB
+    mask: Image.Image  # "L", binarised: 255 = repaint, 0 = keep; the size of image
+
+
+def binarize_mask(mask: Image.Image) -> tuple[Image.Image, bool]:
+    """The mask in grey levels ("L", as diffusers' mask processor converts it), thresholded at 0.5 like diffusers
+    (>= 128 of 255 -> 255 = repaint, else 0 = keep); and whether it held grey values (anything but 0 and 255)."""
+    grey = np.asarray(mask.convert("L"))
+    binary = np.where(grey >= MASK_THRESHOLD, 255, 0).astype(np.uint8)
+    return Image.fromarray(binary), bool(np.any((grey != 0) & (grey != 255)))
+
+
+def read_inpaint_inputs(image_path: str, mask_path: str) -> InpaintInputs:
+    """Read and check ``--image`` and ``--mask`` (one UserError line each); says on stderr when grey is thresholded."""
+    if not Path(mask_path).is_file():
+        raise UserError(f"--mask {mask_path}: no such file")
+    image = _read_image(image_path)
+    mask, had_grey = binarize_mask(_read_image(mask_path, "--mask", "L"))
+    if mask.size != image.size:
+        raise UserError(f"--mask {mask_path}: {mask.width}x{mask.height}, but --image is {image.width}x{image.height}; they must match")
+    if image.width % 8 or image.height % 8:
+        raise UserError(f"--image {image_path}: {image.width}x{image.height}; inpainting needs both sides a multiple of 8 (resize image and mask)")
+    values = np.asarray(mask)
+    if not values.any():
+        raise UserError(f"--mask {mask_path}: no white pixel, nothing to repaint (white = repaint, black = keep)")
+    if values.all():
+        raise UserError(f"--mask {mask_path}: all white, the whole image would be repainted: use text-to-image (drop --image and --mask) instead")
+    if had_grey:
+        print(f"draftray: note: --mask {mask_path} has grey values; thresholded at 0.5 (>= {MASK_THRESHOLD}/255 repaints, below keeps)", file=sys.stderr)
+    return InpaintInputs(image, mask)
+
+
+def paste_back(generated: Image.Image, image: Image.Image, mask: Image.Image) -> Image.Image:
+    """``mask * generated + (1 - mask) * image`` in pixel space, with ``mask`` binarised at 0.5 (white = 1): outside
+    the mask the result is ``image`` exactly. The latents cover 8x8 pixel cells (the VAE's factor) and the VAE
+    re-encodes the known region lossily, so without this the kept region only approximates the input. For a binary
+    mask this equals diffusers' ``VaeImageProcessor.apply_overlay(mask, image, generated)``."""
+    if not generated.size == image.size == mask.size:
+        raise ValueError(f"paste_back: sizes differ: generated {generated.size}, image {image.size}, mask {mask.size}")
+    keep = np.asarray(binarize_mask(mask)[0])[..., None] == 0  # [H, W, 1]
+    out = np.where(keep, np.asarray(image.convert("RGB")), np.asarray(generated.convert("RGB")))
+    return Image.fromarray(out.astype(np.uint8))
