@@ -276,6 +276,19 @@ def check_model_source(name_or_path: str) -> None:
             raise ModelNotFoundError(f"model path {name_or_path!r} lacks {', '.join(missing)}/ (diffusers layout expected)")
 
 
+def unet_in_channels(name_or_path: str, revision: str | None = None) -> int | None:
+    """The UNet's input channels from its config alone (no weights): 4 (text-to-image), 8 (InstructPix2Pix) or
+    9 (inpainting); None when the config cannot be read here (a hub id not in the cache)."""
+    built_in = {TINY: 4, TINY_SDXL: 4, TINY_INPAINT: 9}
+    if name_or_path in built_in:
+        return built_in[name_or_path]
+    try:
+        source = str(TOY_DIR) if name_or_path == TOY else name_or_path
+        return int(UNet2DConditionModel.load_config(source, subfolder="unet", revision=revision)["in_channels"])
+    except (OSError, ValueError, KeyError):
+        return None
+
+
 def save_components(comps: Components, directory: str | os.PathLike) -> None:
     """Write components in diffusers layout, model_index.json included (``StableDiffusionPipeline.from_pretrained``,
     ``StableDiffusionXLPipeline.from_pretrained`` for SDXL)."""

@@ -109,8 +109,9 @@ class Objective:
 
     batch keys: ``prompts`` (list[str]) and ``generator`` for the reward terms; ``latents`` [B,C,h,w]
     (VAE-scaled), ``captions`` and optionally ``cond_latents`` [B,C,h,w] (an InstructPix2Pix input
-    image, unscaled) for denoise; ``class_latents`` and ``class_prompts`` for prior. Metrics are
-    detached scalars (no host sync).
+    image, unscaled) for denoise; ``class_latents`` and ``class_prompts`` for prior. Inpainting
+    (rayjobs/batches.py): ``mask`` / ``masked_latents`` (and ``class_*`` ones) for the denoise terms,
+    ``inpaint_pixels`` / ``inpaint_mask`` for the reward terms. Metrics are detached scalars (no host sync).
     """
 
     def __init__(
@@ -143,7 +144,8 @@ class Objective:
             total = total + self.w.denoise * d  # [B]; the reward batch has the same B (train.batch_size)
             metrics["denoise"] = d.detach().mean()
         if self.w.prior:
-            p = denoise_loss(policy, batch["class_latents"], batch["class_prompts"], batch["generator"], self.denoise)
+            p = denoise_loss(policy, batch["class_latents"], batch["class_prompts"], batch["generator"], self.denoise,
+                             inpaint_mask=batch.get("class_mask"), masked_latents=batch.get("class_masked_latents"))
             total = total + self.w.prior * p.mean()  # class batch size may differ: mean first
             metrics["prior"] = p.detach().mean()
         loss = total.mean()

@@ -6,10 +6,26 @@
     denoise > 0       latents [B,4,h,w], captions [B]     items of data.source drawn uniformly
                       cond_latents [B,4,h,w]              with data.conditioning_column (InstructPix2Pix)
     prior > 0         class_latents, class_prompts        items of data.class_dir drawn uniformly
+                      class_mask, class_masked_latents    with data.inpaint: as mask / masked_latents (random masks,
+                                                          mask_kind "mixed" when it is "dataset")
     always            generator                            the noise of this (seed, rank, step, micro)
 
+  with data.inpaint (masks: float32 in {0, 1} at pixel size, 1 = repaint; docs/data.md "Masks"):
+    denoise > 0       mask [B,1,H,W]                       the mask of each denoise item (same crop/flip)
+                      masked_latents [B,4,h,w]             encode_pixels(pixels * (mask < 0.5)), scaled
+                                                           VAE posterior samples as latents are
+    reward / kl > 0   inpaint_pixels [B,3,H,W] in [-1, 1]  items of data.source drawn uniformly, to repaint
+                      inpaint_mask [B,1,H,W]               their masks (the prompts stay `prompts`)
+
+H = W = data.resolution or sampler.height; h, w = H, W / the VAE factor; every tensor on the VAE's
+device (masks and inpaint_pixels float32). Masks are the dataset's (data.mask_kind: dataset) or
+drawn by models/masks.py (rectangles / strokes / mixed).
+
 B = train.batch_size. Every draw is seeded by (train.seed, rank, step, micro): a resumed run draws
-exactly what it would have. The preset is never read here, only the weights.
+exactly what it would have. The mask draws (random masks, the reward terms' items and their crops)
+have streams of their own, so turning data.inpaint on leaves every other draw as it was, except the
+batch generator's, which also samples masked_latents (after latents). The preset is never read
+here, only the weights.
 """
 
 from __future__ import annotations
@@ -23,6 +39,7 @@ import yaml
 
 from models.components import vae_precision
 from models.ip2p import image_latents
+from models.masks import random_masks
 from models.objective import encode_pixels
 from models.policy import Policy
 from rayjobs.config import Config
@@ -56,12 +73,25 @@ def transform(cfg: Config) -> ImageTransform:
     return ImageTransform(resolution=side, center_crop=cfg.data.center_crop, random_flip=cfg.data.random_flip)
 
 
+def dataset_masks(cfg: Config) -> bool:
+    """Masks read from data.source (data.inpaint with mask_kind dataset), not drawn."""
+    return cfg.data.inpaint and cfg.data.mask_kind == "dataset"
+
+
 def source_dataset(cfg: Config) -> ImageTextDataset:
-    """data.source, checked (one line naming the first bad file, or skipped with data.skip_bad)."""
+    """data.source, checked (one line naming the first bad file, or skipped with data.skip_bad);
+    with dataset masks each item's mask too (same size as its image, neither empty nor full)."""
     d = cfg.data
-    records = load_records(d.source, image_columns(cfg), d.text_column, d.fixed_caption)
+    masks = dataset_masks(cfg)
+    records = load_records(d.source, image_columns(cfg), d.text_column, d.fixed_caption, masks=masks, mask_column=d.mask_column)
     good, _ = check_records(records, d.skip_bad)
-    return ImageTextDataset(good, transform(cfg), image_columns(cfg), d.skip_bad)
+    return ImageTextDataset(good, transform(cfg), image_columns(cfg), d.skip_bad, masks=masks)
+
+
+def reads_source(cfg: Config) -> bool:
+    """The denoise term's items, or (data.inpaint) the images the reward terms repaint."""
+    reward, kl, denoise, _, _ = cfg.objective.weights
+    return bool(denoise or (cfg.data.inpaint and (reward or kl)))
 
 
 def class_dataset(cfg: Config) -> ImageTextDataset:
@@ -75,8 +105,8 @@ def class_dataset(cfg: Config) -> ImageTextDataset:
 def check_data(cfg: Config) -> None:
     """Preflight: every image of the sources the weights use decodes and has a caption (UserError
     naming the first bad file otherwise); class_dir may be missing or short (it gets generated)."""
-    _, _, denoise, prior, _ = cfg.objective.weights
-    if denoise:
+    _, _, _, prior, _ = cfg.objective.weights
+    if reads_source(cfg):
         source_dataset(cfg)
     if prior and _has_images(cfg.data.class_dir):
         class_dataset(cfg)
@@ -108,7 +138,8 @@ class Batches:
         self.cfg, self.policy, self.rank = cfg, policy, rank
         reward, kl, denoise, prior, _ = cfg.objective.weights
         self.prompts = load_prompts(cfg) if (reward or kl) else None
-        self.source = source_dataset(cfg) if denoise else None
+        self.denoise, self.inpaint = bool(denoise), cfg.data.inpaint
+        self.source = source_dataset(cfg) if reads_source(cfg) else None
         # The class folder may be empty until Worker.make_class_images has drawn its images (then rebuilt).
         self.classes = class_dataset(cfg) if prior and _has_images(cfg.data.class_dir) else None
         self.needs_classes = bool(prior)
@@ -126,19 +157,34 @@ class Batches:
         rng, generator = random.Random(seed), torch.Generator().manual_seed(seed)
         size = self.cfg.train.batch_size
         batch: dict = {"generator": generator}
+        # the mask draws' own streams: random masks, and the reward terms' items (index, crop, flip)
+        mask_gen = torch.Generator().manual_seed(mix_seed(self.cfg.train.seed, self.rank, step, micro, 1))
+        mask_rng = random.Random(mix_seed(self.cfg.train.seed, self.rank, step, micro, 2))
         if self.prompts is not None:
             batch["prompts"] = rng.choices(self.prompts, k=size)
-        if self.source is not None:
+        if self.denoise:
             idx = rng.choices(range(len(self.source)), k=size)
-            latents, texts, cond = self._latents(self.source, idx, rng, generator)
+            latents, texts, cond, masked = self._latents(self.source, idx, rng, generator, mask_gen if self.inpaint else None)
             batch.update(latents=latents, captions=[self._instruction(t, rng) for t in texts])
             if cond is not None:
                 batch["cond_latents"] = cond
+            if masked is not None:
+                batch["mask"], batch["masked_latents"] = masked
+        if self.inpaint and self.prompts is not None:
+            idx = mask_rng.choices(range(len(self.source)), k=size)
+            items = self.source.batch(idx, mask_rng)
+            pixels = items["pixels"][self.source.image_columns[0]]  # [B, 3, H, W] in [-1, 1]
+            device = self.policy.components.vae.device
+            batch["inpaint_pixels"] = pixels.to(device)
+            batch["inpaint_mask"] = self._masks(items, pixels, mask_gen).to(device)
         if self.needs_classes:
             if self.classes is None:
                 raise UserError(f"data.class_dir {self.cfg.data.class_dir}: no class images (they are drawn before training starts)")
             idx = rng.choices(range(len(self.classes)), k=size)
-            batch["class_latents"], batch["class_prompts"], _ = self._latents(self.classes, idx, rng, generator)
+            latents, texts, _, masked = self._latents(self.classes, idx, rng, generator, mask_gen if self.inpaint else None)
+            batch["class_latents"], batch["class_prompts"] = latents, texts
+            if masked is not None:  # DreamBooth on an inpainting model: class images get random masks too
+                batch["class_mask"], batch["class_masked_latents"] = masked
         return batch
 
     def _instruction(self, text: str, rng: random.Random) -> str:
@@ -146,20 +192,35 @@ class Batches:
         options = self.templates.get(text)
         return rng.choice([text, *options]) if options else text
 
-    def _latents(self, dataset: ImageTextDataset, idx: list[int], rng: random.Random, generator):
-        """(target latents [B,4,h,w] scaled, texts [B], conditioning latents [B,4,h,w] unscaled or None)."""
+    def _latents(self, dataset: ImageTextDataset, idx: list[int], rng: random.Random, generator, mask_gen=None):
+        """(target latents [B,4,h,w] scaled, texts [B], conditioning latents [B,4,h,w] unscaled or None,
+        (mask [B,1,H,W], masked_latents [B,4,h,w] scaled) with ``mask_gen`` (data.inpaint) else None)."""
         device = self.policy.components.vae.device
         dtype = self.policy.components.vae.dtype
-        if self.cache is not None:
-            return self._cached(dataset, idx, generator, device, dtype)
+        if self.cache is not None:  # the config refuses cache_latents with inpaint
+            return *self._cached(dataset, idx, generator, device, dtype), None
         items = dataset.batch(idx, rng)
         columns = dataset.image_columns
-        latents = encode_pixels(self.policy, items["pixels"][columns[0]].to(device, dtype), generator)
+        pixels = items["pixels"][columns[0]]  # [B, 3, H, W]
+        latents = encode_pixels(self.policy, pixels.to(device, dtype), generator)
         cond = None
         if len(columns) > 1:
             with torch.no_grad():
                 cond = image_latents(self.policy.components.vae, items["pixels"][columns[1]].to(device, dtype))
-        return latents, items["texts"], cond
+        masked = None
+        if mask_gen is not None:
+            mask = self._masks(items, pixels, mask_gen)  # [B, 1, H, W]
+            masked_latents = encode_pixels(self.policy, (pixels * (mask < 0.5)).to(device, dtype), generator)
+            masked = (mask.to(device), masked_latents)
+        return latents, items["texts"], cond, masked
+
+    def _masks(self, items: dict, pixels: torch.Tensor, mask_gen: torch.Generator) -> torch.Tensor:
+        """[B, 1, H, W] float32 in {0, 1} (CPU): the items' own masks (mask_kind dataset) or drawn ones."""
+        if "masks" in items:
+            return items["masks"]
+        batch, _, height, width = pixels.shape
+        kind = self.cfg.data.mask_kind if self.cfg.data.mask_kind != "dataset" else "mixed"  # class images have no mask files
+        return random_masks(kind, batch, height, width, mask_gen)
 
     def _cached(self, dataset: ImageTextDataset, idx: list[int], generator, device, dtype):
         """As _latents, from the VAE posteriors kept on disk: mean and log-variance [8,h,w] per image,

@@ -258,6 +258,9 @@ class Config(_Strict):
             raise ValueError("trainable.unet_in_channels: a conditioning image (data.conditioning_column) needs 8 UNet input channels")
         if self.trainable.unet_in_channels == 9 and not self.data.inpaint:
             raise ValueError("data.inpaint: an inpainting UNet (trainable.unet_in_channels: 9) trains on masks; set data.inpaint: true")
+        size = self.data.resolution or self.sampler.height
+        if self.data.inpaint and (reward or kl) and not self.sampler.height == self.sampler.width == size:
+            raise ValueError(f"sampler.height: masked generation repaints data.source images of {size} px squares; set sampler.height and width to {size}")
         if self.objective.masked_loss and not self.data.inpaint:
             raise ValueError("objective.masked_loss: needs masks (data.inpaint: true)")
         if self.data.eval_images and self.trainable.unet_in_channels != 8:

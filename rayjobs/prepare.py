@@ -30,12 +30,7 @@ def prepare_components(cfg: Config) -> tuple[Components, dict[str, int]]:
     have = comps.unet.config.in_channels
     if comps.is_sdxl and t.unet_in_channels != have:
         raise UserError("trainable.unet_in_channels: InstructPix2Pix training is for SD 1.x models; this model is SDXL")
-    if INPAINT_CHANNELS in (have, t.unet_in_channels) and have != t.unet_in_channels:
-        raise UserError(
-            f"trainable.unet_in_channels: {t.unet_in_channels}, but the model's UNet takes {have} input channels; "
-            + ("9-channel (inpainting) training needs an inpainting base model (e.g. runwayml/stable-diffusion-inpainting)"
-               if have != INPAINT_CHANNELS else "it is an inpainting model: set trainable.unet_in_channels: 9 and data.inpaint: true")
-        )
+    check_inpaint_channels(have, t.unet_in_channels)
     if t.unet_in_channels != have:
         try:
             expand_unet_inputs(comps.unet, t.unet_in_channels)
@@ -52,3 +47,13 @@ def prepare_components(cfg: Config) -> tuple[Components, dict[str, int]]:
             raise UserError(f"trainable.tokens.{i}: {err}") from None
         tokens[spec.token] = spec.num_vectors
     return comps, tokens
+
+
+def check_inpaint_channels(have: int | None, want: int) -> None:
+    """An inpainting UNet (9 channels) is never made from another or turned into one: UserError if either side is 9
+    and they differ (``have`` None: unknown before loading, nothing to check)."""
+    if have is None or have == want or INPAINT_CHANNELS not in (have, want):
+        return
+    fix = ("9-channel (inpainting) training needs an inpainting base model (e.g. runwayml/stable-diffusion-inpainting)"
+           if have != INPAINT_CHANNELS else "it is an inpainting model: set trainable.unet_in_channels: 9 and data.inpaint: true")
+    raise UserError(f"trainable.unet_in_channels: {want}, but the model's UNet takes {have} input channels; {fix}")

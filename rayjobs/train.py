@@ -118,7 +118,9 @@ def preflight(cfg: Config) -> Config:
 
 def check_model_options(cfg: Config) -> None:
     """model.vae must be a VAE folder (or a hub id); SDXL models take no InstructPix2Pix input channels."""
+    from models.components import unet_in_channels
     from models.sdxl import is_sdxl_source
+    from rayjobs.prepare import check_inpaint_channels
 
     vae = cfg.model.vae
     if vae is not None:
@@ -126,6 +128,7 @@ def check_model_options(cfg: Config) -> None:
         looks_local = path.is_absolute() or vae.startswith(".") or path.exists() or vae.count("/") != 1
         if looks_local and not (path / "config.json").is_file():
             raise UserError(f"model.vae: {vae!r} is not a VAE directory (no config.json there); give an AutoencoderKL folder or a hub id")
+    check_inpaint_channels(unet_in_channels(cfg.model.name_or_path, cfg.model.revision), cfg.trainable.unet_in_channels)
     sdxl = is_sdxl_source(cfg.model.name_or_path, cfg.model.revision)
     if sdxl and (cfg.trainable.unet_in_channels != 4 or cfg.data.conditioning_column or cfg.data.eval_images):
         raise UserError("trainable.unet_in_channels: InstructPix2Pix training is for SD 1.x models; model.name_or_path is SDXL")

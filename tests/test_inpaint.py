@@ -142,3 +142,102 @@ def test_masked_loss_averages_inside_the_mask_only():
         by_hand = denoise_loss(*args, torch.Generator().manual_seed(0), DenoiseSettings(), mask=F.interpolate(mask, size=(16, 16)))
         everywhere = denoise_loss(*args, torch.Generator().manual_seed(0), DenoiseSettings(), inpaint_mask=mask)
     assert torch.equal(inside, by_hand) and not torch.allclose(inside, everywhere)
+
+
+# ---- through the training loop (LocalContext) ---------------------------------------------
+
+CONFIGS = __import__("pathlib").Path(__file__).parents[1] / "configs"
+LOOP = ["sampler.steps=3", "sampler.guidance=3.0", "data.eval_prompts=[a red circle]", "data.eval_seeds=[0,1]",
+        "train.batch_size=2", "train.eval_every=0", "optim.warmup_steps=0", "data.resolution=32"]  # fmt: skip
+
+
+def _worker(tmp_path, *extra):
+    from rayjobs.config import load_config
+    from rayjobs.loop import LocalContext, Worker
+    from rayjobs.train import preflight
+    from toydata import write_toy_images
+
+    write_toy_images(tmp_path / "data", 2)
+    cfg = load_config(None, LOOP + [f"run.output_dir={tmp_path}", f"data.source={tmp_path / 'data'}", *extra])
+    return Worker(preflight(cfg), LocalContext(tmp_path / "run"))
+
+
+def _unet(worker):
+    return {n: p.detach().clone() for n, p in worker.policy.unet.named_parameters()}
+
+
+INPAINT_LORA = ["model.name_or_path=tiny-inpaint", "trainable.unet_in_channels=9", "data.inpaint=true", "objective.preset=finetune"]
+
+
+def test_inpainting_lora_moves_only_lora_and_reads_the_masks(tmp_path):
+    worker = _worker(tmp_path, *INPAINT_LORA, "objective.masked_loss=true")
+    seen = []
+    worker.policy.unet.register_forward_pre_hook(lambda module, args: seen.append(args[0].shape[1]))
+    before = _unet(worker)
+    for step in range(2):
+        assert worker.train_step(step)["finite"] == 1.0
+    changed = {n for n, p in _unet(worker).items() if not torch.equal(p, before[n])}
+    assert changed and all("lora_" in n for n in changed) and set(seen) == {9}
+
+
+def test_draftplus_on_an_inpainting_model_repaints_data_images(tmp_path):
+    """The reward terms repaint the masked part of data.source images; the rest of the image is the input."""
+    worker = _worker(tmp_path, "model.name_or_path=tiny-inpaint", "trainable.unet_in_channels=9", "data.inpaint=true",
+                     "reward.name=colorfulness", "sampler.truncation_steps=2", "sampler.height=32", "sampler.width=32")  # fmt: skip
+    batch = worker.batch(0, 0)
+    assert batch["inpaint_pixels"].shape == (2, 3, 32, 32) and batch["inpaint_mask"].shape == (2, 1, 32, 32)
+    metrics = worker.train_step(0)
+    assert metrics["finite"] == 1.0 and "reward" in metrics
+
+
+def test_dreambooth_on_an_inpainting_model_masks_the_class_images_too(tmp_path):
+    worker = _worker(tmp_path, *INPAINT_LORA, "objective.preset=dreambooth", f"data.class_dir={tmp_path / 'class'}",
+                     "data.class_prompt=a star", "data.num_class_images=2")  # fmt: skip
+    worker.make_class_images()  # drawn by the inpainting model as whole images (the whole image is the hole)
+    batch = worker.batch(0, 0)
+    assert batch["class_mask"].shape == (2, 1, 32, 32) and batch["class_masked_latents"].shape == (2, 4, 16, 16)
+    metrics = worker.train_step(0)
+    assert metrics["finite"] == 1.0 and metrics["prior"] > 0
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["trainable.unet_in_channels=9", "data.inpaint=true", "objective.preset=finetune"], "needs an inpainting base model"),
+        (["model.name_or_path=tiny-inpaint", "data.inpaint=true", "objective.preset=finetune"], "it is an inpainting model"),
+        (["model.name_or_path=tiny-inpaint", "trainable.unet_in_channels=9", "objective.preset=finetune"], "data.inpaint: an inpainting UNet"),
+        (["data.inpaint=true", "sampler.height=16"], "sampler.height: masked generation"),
+    ],
+)
+def test_bad_inpainting_configs_are_one_line_before_anything_is_written(tmp_path, extra, message):
+    from rayjobs.config import load_config
+    from rayjobs.errors import UserError
+    from rayjobs.train import preflight
+
+    from toydata import write_toy_images
+
+    write_toy_images(tmp_path / "data", 2)
+    with pytest.raises(UserError, match=message):
+        preflight(load_config(None, LOOP + [f"run.output_dir={tmp_path / 'runs'}", f"data.source={tmp_path / 'data'}", *extra]))
+    assert not (tmp_path / "runs").exists()
+
+
+@pytest.mark.parametrize("preset", ["sd15-inpaint-lora.yaml", "sd15-inpaint-dreambooth-lora.yaml", "sd15-inpaint-textual-inversion.yaml",
+                                    "sd15-inpaint-draftplus.yaml", "toy-inpaint.yaml"])  # fmt: skip
+def test_each_inpainting_preset_runs_one_step(tmp_path, preset):
+    """The shipped presets as they are, on the tiny models (9-channel ones on tiny-inpaint) and small sizes."""
+    from rayjobs.config import load_config
+    from rayjobs.loop import LocalContext, train_loop
+    from rayjobs.train import preflight
+    from toydata import write_toy_images
+
+    write_toy_images(tmp_path / "data", 2)
+    model = [] if preset.startswith("toy") else ["model.name_or_path=tiny-inpaint", "model.dtype=float32", "ray.use_gpu=false",
+                                                  "reward.name=colorfulness", "reward.kwargs={}"]  # fmt: skip
+    extra = [f"data.class_dir={tmp_path / 'class'}", "data.num_class_images=2"] if "dreambooth" in preset else []
+    tokens = ["trainable.tokens=[{token: <cat-toy>, num_vectors: 2, init_token: circle}]"] if "inversion" in preset else []
+    cfg = load_config(CONFIGS / preset, LOOP + model + extra + tokens + [
+        f"run.output_dir={tmp_path}", f"data.source={tmp_path / 'data'}", "sampler.height=32", "sampler.width=32",
+        "train.steps=1", "train.grad_accum=1", "ray.num_workers=1", "data.eval_seeds=[0,1]"])  # fmt: skip
+    train_loop(preflight(cfg), tmp_path / "run", LocalContext(tmp_path / "run"))
+    assert any((tmp_path / "run" / "export").iterdir())

@@ -69,6 +69,19 @@ def test_sdxl_draftplus_on_two_workers(cluster, tmp_path):
     assert (run / "samples" / "base_vs_final.png").is_file()
 
 
+def test_inpainting_lora_through_ray(cluster, tmp_path):
+    """A 2-step LoRA run on the tiny inpainting model (9 channels) with random masks, through Ray Train."""
+    from toydata import write_toy_images
+
+    write_toy_images(tmp_path / "data", 2)
+    run = _fit(tmp_path, "inpaint", "model.name_or_path=tiny-inpaint", "trainable.unet_in_channels=9", "data.inpaint=true",
+               "objective.preset=finetune", f"data.source={tmp_path / 'data'}", "data.resolution=32", "train.steps=2",
+               "train.checkpoint_every=2")  # fmt: skip
+    steps = [m for m in read_metrics(run) if "loss" in m]
+    assert [m["step"] for m in steps] == [1, 2] and all("denoise" in m for m in steps)
+    assert (run / "export" / "pytorch_lora_weights.safetensors").is_file()
+
+
 def test_dreambooth_on_two_workers_draws_class_images_once(cluster, tmp_path):
     """A supervised preset through Ray Train: 2 ranks split the missing class images, then train
     denoise + prior (the same loop as DRaFT+)."""
