@@ -39,6 +39,7 @@ import yaml
 
 from models.components import vae_precision
 from models.ip2p import image_latents
+from models.inpaint import InpaintInputs
 from models.masks import random_masks
 from models.objective import encode_pixels
 from models.policy import Policy
@@ -186,6 +187,19 @@ class Batches:
             if masked is not None:  # DreamBooth on an inpainting model: class images get random masks too
                 batch["class_mask"], batch["class_masked_latents"] = masked
         return batch
+
+    def eval_inpaint(self, n: int) -> InpaintInputs | None:
+        """What evaluations repaint (data.inpaint), the same at every evaluation: the first data.source item
+        (its crop and flip drawn from train.seed) with its mask (drawn from train.seed, or its own), n copies."""
+        if not self.inpaint:
+            return None
+        seed = self.cfg.train.seed
+        items = self.source.batch([0], random.Random(seed))
+        pixels = items["pixels"][self.source.image_columns[0]]  # [1, 3, H, W] in [-1, 1]
+        mask = self._masks(items, pixels, torch.Generator().manual_seed(seed))  # [1, 1, H, W]
+        device, s = self.policy.components.vae.device, self.cfg.sampler
+        pixels, mask = pixels.repeat(n, 1, 1, 1).to(device), mask.repeat(n, 1, 1, 1).to(device)  # [n, ...]
+        return InpaintInputs(pixels, mask, s.inpaint_strength, s.paste_back)
 
     def _instruction(self, text: str, rng: random.Random) -> str:
         """An instruction's synonym drawn per sample (instruction-tuned-sd); other captions as they are."""

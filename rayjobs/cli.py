@@ -50,7 +50,7 @@ def _parser() -> argparse.ArgumentParser:
     submit.add_parsers(sub)
 
     s = sub.add_parser("sample", help="generate (or, with --image, edit; with --image --mask, inpaint) images with diffusers' pipelines (+ a trained LoRA / embeddings)")
-    s.add_argument("--model", required=True, help="'tiny', 'tiny-sdxl', 'toy', a diffusers-layout directory (SD 1.x or SDXL), or a hub id")
+    s.add_argument("--model", required=True, help="'tiny', 'tiny-sdxl', 'tiny-inpaint', 'toy', a diffusers-layout directory (SD 1.x or SDXL), or a hub id")
     s.add_argument("--lora", help="directory holding pytorch_lora_weights.safetensors (a run's export/)")
     s.add_argument("--prompt", required=True, help="the text prompt")
     s.add_argument("--negative-prompt", default=None, help="text for the unconditional branch")

@@ -229,15 +229,18 @@ class Worker:
 
     @torch.no_grad()
     def evaluate(self, blend: tuple[float, ...] | None = None) -> tuple[dict[str, float], list[torch.Tensor]]:
-        """Fixed eval prompts x fixed seeds: reward mean/std, KL to the reference, diversity.
+        """Fixed eval prompts x fixed seeds: reward mean/std, KL to the reference, diversity. With data.inpaint each
+        image repaints the masked part of one fixed data.source image (Batches.eval_inpaint).
         ``blend``: per-step AIG weights (models/inference.py) for inference-time points."""
         rewards_, parts, kls, images = [], {}, [], []
+        seeds = self.cfg.data.eval_seeds
+        inpaint = self.batches.eval_inpaint(len(seeds))  # data.inpaint: every cell repaints the same masked image
         with self.unwrapped():
             for prompt in self.cfg.data.eval_prompts:
-                seeds = self.cfg.data.eval_seeds
                 gens = [torch.Generator().manual_seed(s) for s in seeds]
                 with self.autocast():
-                    out = sample(self.policy, [prompt] * len(seeds), self.settings, gens, with_ref=True, track_grad=False, blend=blend)
+                    out = sample(self.policy, [prompt] * len(seeds), self.settings, gens, with_ref=True, track_grad=False,
+                                 blend=blend, inpaint=inpaint)
                     total, components = score_parts(self.reward, out.images, [prompt] * len(seeds))  # [N], {name: [N]}
                 rewards_.append(total.float())
                 for name, r in components.items():

@@ -28,12 +28,13 @@ from PIL import Image, UnidentifiedImageError
 
 from models.components import Components, ModelNotFoundError, load_components
 from models.export import LORA_FILE
+from models.masks import binarize
 from models.textual_inversion import TI_FILE
 from rayjobs.errors import UserError
 
 TINY_REFINER = "tiny-refiner"  # models/sdxl.build_tiny_refiner, paired with the tiny SDXL's encoder and VAE
 SDXL_EMBEDDING_KEYS = ("clip_l", "clip_g")  # an SDXL embedding file: rows for text_encoder, text_encoder_2
-MASK_THRESHOLD = 128  # of 255: diffusers' mask processor binarises at 0.5 (>= 0.5 repaints)
+MASK_THRESHOLD = 128  # of 255: >= 0.5 repaints (models.masks.binarize, as diffusers' mask processor)
 INPAINT_CHANNELS = (4, 9)  # UNet inputs the inpainting pipelines take: text-to-image, or latents + mask + masked-image latents
 
 
@@ -276,7 +277,7 @@ def _read_image(path: str, flag: str = "--image", mode: str = "RGB") -> Image.Im
 
 
 @dataclass
-class InpaintInputs:
+class InpaintFiles:
     image: Image.Image  # RGB
     mask: Image.Image  # "L", binarised: 255 = repaint, 0 = keep; the size of image
 
@@ -284,12 +285,12 @@ class InpaintInputs:
 def binarize_mask(mask: Image.Image) -> tuple[Image.Image, bool]:
     """The mask in grey levels ("L", as diffusers' mask processor converts it), thresholded at 0.5 like diffusers
     (>= 128 of 255 -> 255 = repaint, else 0 = keep); and whether it held grey values (anything but 0 and 255)."""
-    grey = np.asarray(mask.convert("L"))
-    binary = np.where(grey >= MASK_THRESHOLD, 255, 0).astype(np.uint8)
-    return Image.fromarray(binary), bool(np.any((grey != 0) & (grey != 255)))
+    grey = torch.from_numpy(np.asarray(mask.convert("L")).astype(np.float32) / 255)  # [H, W] in [0, 1]
+    binary, was_binary = binarize(grey)  # models/masks.py: the threshold the training masks use too
+    return Image.fromarray((binary.numpy() * 255).astype(np.uint8)), not was_binary
 
 
-def read_inpaint_inputs(image_path: str, mask_path: str) -> InpaintInputs:
+def read_inpaint_inputs(image_path: str, mask_path: str) -> InpaintFiles:
     """Read and check ``--image`` and ``--mask`` (one UserError line each); says on stderr when grey is thresholded."""
     if not Path(mask_path).is_file():
         raise UserError(f"--mask {mask_path}: no such file")
@@ -306,7 +307,7 @@ def read_inpaint_inputs(image_path: str, mask_path: str) -> InpaintInputs:
         raise UserError(f"--mask {mask_path}: all white, the whole image would be repainted: use text-to-image (drop --image and --mask) instead")
     if had_grey:
         print(f"draftray: note: --mask {mask_path} has grey values; thresholded at 0.5 (>= {MASK_THRESHOLD}/255 repaints, below keeps)", file=sys.stderr)
-    return InpaintInputs(image, mask)
+    return InpaintFiles(image, mask)
 
 
 def paste_back(generated: Image.Image, image: Image.Image, mask: Image.Image) -> Image.Image:
