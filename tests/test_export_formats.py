@@ -17,25 +17,12 @@ from models.kohya import KOHYA_FILE, KohyaUnsupportedError, to_kohya
 from models.policy import DEFAULT_LORA_TARGETS, Policy
 from models.textual_inversion import TI_FILE, add_placeholder, trainable_rows
 from rayjobs.config import TrainableConfig
+from toydata import pipe_sample as sample, randomize
 
 FULL_TARGETS = tuple(TrainableConfig().lora_targets)  # attention, ff, proj_in/out, resnet convs, conv_out
 # every other LoRA-able SD 1.x UNet kind: resnet shortcut/time projection, conv_in, down/upsampler convs, ...
 OTHER_TARGETS = ("conv_in", "time_emb_proj", "conv_shortcut", "conv", "ff.net.0.proj", "linear_1", "linear_2")
 PROMPT = "a photo of <cat> on a mat"
-
-
-def randomize(params, seed=0, scale=0.1):
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in params:
-            p.add_(torch.randn(p.shape, generator=g) * scale)
-
-
-def sample(pipe, prompt="a red cube", output_type="pt"):
-    """2-step DDIM sample of the tiny pipeline, fixed seed: images [1, 3, 32, 32] in [0, 1] (or latents)."""
-    with torch.no_grad():
-        return pipe(prompt, num_inference_steps=2, guidance_scale=3.0, height=32, width=32,
-                    generator=torch.Generator().manual_seed(0), output_type=output_type).images
 
 
 def lora_policy(targets, text_encoder_lora=False):

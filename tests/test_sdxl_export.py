@@ -20,6 +20,7 @@ from models.policy import DEFAULT_LORA_TARGETS, Policy
 from models.sdxl import build_tiny_sdxl
 from models.textual_inversion import TI_FILE, add_placeholder
 from rayjobs.config import TrainableConfig
+from toydata import pipe_sample as sample, randomize
 
 PROMPT = "a photo of <cat> on a mat"
 # every LoRA-able kind of the SDXL UNet: attention, ff, proj_in/out, resnet convs/shortcut/time projection,
@@ -28,20 +29,6 @@ ALL_TARGETS = tuple(TrainableConfig().lora_targets) + ("conv_in", "time_emb_proj
                                                        "linear_1", "linear_2")
 SGM_PREFIXES = ("lora_unet_input_blocks_", "lora_unet_output_blocks_", "lora_unet_middle_block_",
                 "lora_unet_out_", "lora_unet_time_embed_", "lora_unet_label_emb_", "lora_te1_", "lora_te2_")
-
-
-def randomize(params, seed=0, scale=0.1):
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in params:
-            p.add_(torch.randn(p.shape, generator=g) * scale)
-
-
-def sample(pipe, prompt="a red cube", output_type="pt"):
-    """2-step Euler sample of the tiny SDXL pipeline, fixed seed: images [1, 3, 32, 32] in [0, 1] (or latents)."""
-    with torch.no_grad():
-        return pipe(prompt, num_inference_steps=2, guidance_scale=3.0, height=32, width=32,
-                    generator=torch.Generator().manual_seed(0), output_type=output_type).images
 
 
 def fresh():

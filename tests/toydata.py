@@ -29,3 +29,19 @@ def finetune_worker(tmp_path: Path, base: list[str], *extra: str, n: int = 2):
     write_toy_images(data, n)
     cfg = load_config(None, [*base, f"run.output_dir={tmp_path}", "objective.preset=finetune", f"data.source={data}", *extra])
     return Worker(cfg, LocalContext(tmp_path))
+
+
+def randomize(params, seed=0, scale=0.1):
+    """Add seeded N(0, scale^2) noise to each tensor in place (e.g. LoRA B != 0, so the LoRA changes the model)."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in params:
+            p.add_(torch.randn(p.shape, generator=g) * scale)
+
+
+def pipe_sample(pipe, prompt="a red cube", output_type="pt"):
+    """2-step sample of a tiny pipeline (SD 1.x or SDXL), fixed seed: images [1, 3, 32, 32] in [0, 1] (or latents)."""
+    with torch.no_grad():
+        return pipe(prompt, num_inference_steps=2, guidance_scale=3.0, height=32, width=32,
+                    generator=torch.Generator().manual_seed(0), output_type=output_type).images
+
