@@ -59,6 +59,23 @@ def test_sampler_equals_the_inpainting_pipeline(name, strength):
     assert torch.allclose(ours, pipeline_images(comps, inp), atol=1e-5)
 
 
+@pytest.mark.parametrize("strength", [1.0, 0.6])
+def test_sampler_equals_the_sdxl_inpainting_pipeline(strength):
+    """SDXL (4-channel blend, pooled embeddings and time ids) against StableDiffusionXLInpaintPipeline."""
+    from diffusers import StableDiffusionXLInpaintPipeline
+
+    comps = load_components("tiny-sdxl")
+    inp = inputs(strength)
+    ours = sample(lora_policy(comps), PROMPTS, SamplerSettings(steps=4, guidance=5.0, height=32, width=32),
+                  torch.Generator().manual_seed(7), track_grad=False, inpaint=inp).images  # fmt: skip
+    pipe = StableDiffusionXLInpaintPipeline(**comps.pipeline().components, force_zeros_for_empty_prompt=True)
+    pipe.set_progress_bar_config(disable=True)
+    with torch.no_grad():
+        theirs = pipe(PROMPTS, image=inp.pixels / 2 + 0.5, mask_image=inp.mask, num_inference_steps=4, guidance_scale=5.0,
+                      strength=strength, height=32, width=32, generator=torch.Generator().manual_seed(7), output_type="pt").images  # fmt: skip
+    assert torch.allclose(ours, theirs, atol=1e-5)
+
+
 def test_the_mask_decides_what_changes():
     """A 9-channel UNet reads the mask: another mask, another image (same seed)."""
     comps = model("tiny-inpaint")
