@@ -43,10 +43,9 @@ class InpaintInputs:
             raise ValueError(f"image {tuple(self.pixels.shape)} and mask {tuple(self.mask.shape)} differ in batch or size")
 
     @staticmethod
-    def whole_image(batch: int, height: int, width: int, like: torch.Tensor) -> "InpaintInputs":
+    def whole_image(batch: int, height: int, width: int, device=None) -> "InpaintInputs":
         """Text-to-image with an inpainting UNet: the whole image is the hole, nothing is known."""
-        pixels = like.new_zeros(batch, 3, height, width)
-        return InpaintInputs(pixels, like.new_ones(batch, 1, height, width))
+        return InpaintInputs(torch.zeros(batch, 3, height, width, device=device), torch.ones(batch, 1, height, width, device=device))
 
 
 @dataclass
@@ -119,7 +118,7 @@ def blend(prepared: Prepared, scheduler, latents: torch.Tensor, timesteps: torch
         return latents
     known = prepared.image_latents
     if i < len(timesteps) - 1:
-        known = scheduler.add_noise(known, prepared.noise, torch.tensor([timesteps[i + 1]]))
+        known = scheduler.add_noise(known, prepared.noise, timesteps[i + 1 : i + 2])  # [1], on its device: no host sync
     return (1 - prepared.mask) * known + prepared.mask * latents
 
 

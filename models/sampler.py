@@ -127,7 +127,7 @@ def _start(policy, prompts, settings, generator, latents, inpaint, scheduler, dt
     device = next(comps.unet.parameters()).device
     scheduler.set_timesteps(settings.steps, device=device)  # also resets multistep state
     if inpaint is None and is_inpainting_unet(comps.unet):
-        inpaint = InpaintInputs.whole_image(len(prompts), settings.height, settings.width, latents if latents is not None else torch.empty(0, device=device))
+        inpaint = InpaintInputs.whole_image(len(prompts), settings.height, settings.width, device)  # all hole
     if inpaint is None:  # PNDM may take more model calls than steps
         start = latents if latents is not None else initial_latents(policy, len(prompts), settings, generator, device, dtype, scheduler)
         return scheduler.timesteps, start, None

@@ -116,7 +116,7 @@ def test_an_inpainting_unet_without_an_image_draws_whole_images():
     policy = Policy(comps, "lora")
     s = SamplerSettings(steps=3, guidance=3.0, height=32, width=32)
     plain = sample(policy, PROMPTS, s, torch.Generator().manual_seed(0), track_grad=False).images
-    whole = InpaintInputs.whole_image(2, 32, 32, torch.zeros(1))
+    whole = InpaintInputs.whole_image(2, 32, 32)
     assert torch.equal(plain, sample(policy, PROMPTS, s, torch.Generator().manual_seed(0), track_grad=False, inpaint=whole).images)
 
 
