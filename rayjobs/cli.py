@@ -7,6 +7,7 @@ written; a run that stops itself (non-finite loss) exits 1.
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import sys
 from pathlib import Path
@@ -251,6 +252,9 @@ def _weights(args) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    # bitsandbytes' CPU backend (the 8bit extra) warns at import on avx512-bf16 CPUs that an optional kernel it
+    # would fetch from a hub is missing; the line is noise in every command's output (8-bit AdamW works without it)
+    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
     args = _parser().parse_args(argv)
     try:
         commands = {"train": _train, "sweep": _sweep, "pareto": _pareto, "toy": _toy, "sample": _sample, "score": _score, "weights": _weights,

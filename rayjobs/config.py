@@ -3,7 +3,8 @@
 ``Config()`` with no arguments IS the embedded default (== configs/toy.yaml):
 DRaFT+ on the shipped toy-world model against the toy appeal reward
 (docs/toy-world.md), small enough for a 2-core CPU in minutes. YAML presets in configs/ override only what differs.
-Unknown keys are errors. Larger sections have their own files: rayjobs/config_model.py (model, memory), rayjobs/config_data.py (data),
+Unknown keys are errors. Larger sections have their own files: rayjobs/config_model.py (model, memory),
+rayjobs/config_objective.py (sampler, objective), rayjobs/config_data.py (data),
 rayjobs/config_reward.py (reward, diversity), rayjobs/config_ray.py (ray), rayjobs/config_sweep.py (sweep). Derived sizes:
 
     global batch (prompts per optimizer step) = train.batch_size * train.grad_accum * ray.num_workers
@@ -21,6 +22,7 @@ from pydantic import Field, ValidationError, model_validator
 
 from rayjobs.config_data import DataConfig
 from rayjobs.config_model import MemoryConfig, ModelConfig
+from rayjobs.config_objective import ObjectiveConfig, SamplerConfig
 from rayjobs.config_ray import RayConfig
 from rayjobs.config_reward import DiversityConfig, RewardConfig
 from rayjobs.config_sweep import SweepConfig
@@ -74,106 +76,6 @@ class TrainableConfig(_Strict):
         return self
 
 
-class SamplerConfig(_Strict):
-    steps: int = Field(10, ge=1, description="T, DDIM denoising steps per image")
-    guidance: float = Field(3.0, ge=0, description="classifier-free guidance scale w (<= 1 disables CFG)")
-    eta: float = Field(0.0, ge=0, le=1, description="DDIM eta (0 deterministic)")
-    truncation_steps: int = Field(
-        1,
-        ge=1,
-        description="K: gradient flows through the last K steps (1 = DRaFT-1/DRaFT+ as in the papers, T = full backprop). "
-        "configs/tiny.yaml uses 5: on the random tiny model the last step alone scales eps by ~0.04 and K=1 barely learns",
-    )
-    height: int = Field(32, ge=8, description="image height, pixels (multiple of the VAE factor, 8 for SD; SDXL is trained at 1024)")
-    width: int = Field(32, ge=8, description="image width, pixels")
-    negative_prompt: str = Field(
-        "", description="text of the unconditional branch of CFG. SDXL: an empty one is all-zero text states, as diffusers' "
-        "StableDiffusionXLPipeline does for negative_prompt=None (force_zeros_for_empty_prompt)"
-    )
-    inpaint_strength: float = Field(
-        1.0, gt=0, le=1, description="masked generation (data.inpaint): 1 = the hole starts from noise, < 1 = from the image "
-        "noised to that fraction of the schedule (fewer steps: int(steps * strength))"
-    )
-    paste_back: bool = Field(True, description="masked generation: the input image outside the mask, in pixel space, before the reward scores it")
-    scheduler: Literal["ddim", "pndm", "euler", "euler_a", "dpmsolver++"] | None = Field(
-        None, description="sampling scheduler (models/schedulers.py), built from the model's noise schedule; None = the model's own "
-        "(DDIM for SD 1.x models, which load their scheduler as DDIM; SDXL keeps its own, Euler for the released base)"
-    )
-
-    @model_validator(mode="after")
-    def _k_le_t(self):
-        if self.truncation_steps > self.steps:
-            raise ValueError(f"truncation_steps (K={self.truncation_steps}) must be <= steps (T={self.steps})")
-        return self
-
-
-# Term weights each preset implies when a weight is left null (DESIGN.md preset table):
-# (reward, kl_coeff, denoise, prior, conditioning_dropout).
-PRESET_WEIGHTS = {
-    "draftplus": (1.0, 0.03, 0.0, 0.0, 0.0),
-    "draft": (1.0, 0.0, 0.0, 0.0, 0.0),
-    "finetune": (0.0, 0.0, 1.0, 0.0, 0.0),
-    "dreambooth": (0.0, 0.0, 1.0, 1.0, 0.0),
-    "textual_inversion": (0.0, 0.0, 1.0, 0.0, 0.0),
-    "pivotal": (0.0, 0.0, 1.0, 0.0, 0.0),
-    "instructpix2pix": (0.0, 0.0, 1.0, 0.0, 0.05),
-}
-
-
-class ObjectiveConfig(_Strict):
-    """loss = -reward_weight R + kl_coeff KL + denoise_weight D + prior_weight P (per sample, then mean).
-
-    The preset only fills the weights left null (PRESET_WEIGHTS); what trains is the trainable section
-    and what data is read follows from the non-zero weights (rayjobs/config_data.py).
-    """
-
-    preset: Literal["draftplus", "draft", "finetune", "dreambooth", "textual_inversion", "pivotal", "instructpix2pix"] = Field(
-        "draftplus",
-        description="draftplus: reward + kl_coeff * KL; draft: reward only (kl_coeff 0); finetune / textual_inversion / pivotal: "
-        "denoise on data.source; dreambooth: denoise + prior on data.class_dir; instructpix2pix: denoise on edit triples with "
-        "conditioning dropout",
-    )
-    reward_weight: float | None = Field(None, ge=0, description="weight of -reward in the loss; None = preset's (1 for draft/draftplus, else 0)")
-    kl_coeff: float | None = Field(
-        None, ge=0, description="beta, weight of the KL on CFG-combined eps (per-element mean). None = preset's (draftplus 0.03, else 0). "
-        "Relative to the reward's scale: 0.03 suits the toy appeal reward (~2; docs/reproduction.md), SD presets set their own"
-    )
-    denoise_weight: float | None = Field(
-        None, ge=0, description="weight of the denoising MSE on data.source; None = preset's (1 for supervised presets, else 0). "
-        "A DRaFT+ run with denoise_weight > 0 is a mixed objective (a supervised anchor)"
-    )
-    prior_weight: float | None = Field(None, ge=0, description="lambda, DreamBooth prior preservation on class images; None = preset's (dreambooth 1, else 0)")
-    prediction_target: Literal["scheduler", "epsilon", "v_prediction"] = Field(
-        "scheduler", description="what the denoise term regresses: the scheduler's prediction_type, or eps / v explicitly"
-    )
-    min_snr_gamma: float | None = Field(None, gt=0, description="min-SNR-gamma loss weighting of the denoise terms (Hang et al. 2023; 5 there); None = off")
-    noise_offset: float = Field(0.0, ge=0, description="add noise_offset * N(0, 1) per channel to the training noise (darker/brighter images); 0.05-0.1 typical")
-    masked_loss: bool = Field(False, description="inpainting (data.inpaint): the denoise terms average their error inside the mask only")
-    conditioning_dropout: float | None = Field(
-        None, ge=0, le=1 / 3, description="p: drop the text only, the image only and both, each with probability p "
-        "(InstructPix2Pix classifier-free guidance); None = preset's (instructpix2pix 0.05, else 0)"
-    )
-
-    @model_validator(mode="after")
-    def _valid_weights(self):
-        if self.preset == "draft" and self.kl_coeff:
-            raise ValueError("preset 'draft' means kl_coeff 0; use preset 'draftplus' for a KL term")
-        reward, kl, denoise, prior, _ = self.weights
-        if not (reward or kl or denoise or prior):
-            raise ValueError("every term weight is 0: nothing to train")
-        return self
-
-    @property
-    def weights(self) -> tuple[float, float, float, float, float]:
-        """(reward, kl, denoise, prior, conditioning_dropout): the given values, the preset's where null."""
-        given = (self.reward_weight, self.kl_coeff, self.denoise_weight, self.prior_weight, self.conditioning_dropout)
-        return tuple(g if g is not None else d for g, d in zip(given, PRESET_WEIGHTS[self.preset]))  # type: ignore[return-value]
-
-    @property
-    def beta(self) -> float:
-        return self.weights[1]
-
-
 PARAM_GROUPS = ("unet", "text_encoder", "tokens")  # the optimizer's parameter groups (models/policy.py)
 
 
@@ -222,6 +124,13 @@ class TrainConfig(_Strict):
     eval_every: int = Field(25, ge=0, description="optimizer steps between evaluations (0: only before and after training)")
     checkpoint_every: int = Field(50, ge=1, description="optimizer steps between checkpoints (and always at the end)")
     seed: int = Field(0, description="base seed; rank r draws prompts and noise from a seed mixed from (seed, r, step, micro-batch)")
+    on_nonfinite: Literal["stop", "skip"] = Field(
+        "stop",
+        description="a non-finite reward, loss or gradient norm (on any rank): 'stop' ends the run with a message naming the step, "
+        "the prompts and the last good checkpoint; 'skip' applies no update for that step (weights, optimizer and LR schedule "
+        "untouched), counts it (skipped_nonfinite) and goes on",
+    )
+    max_skipped: int = Field(10, ge=1, description="on_nonfinite=skip: this many consecutive skipped steps stop the run as 'stop' does")
 
 
 class RunConfig(_Strict):
@@ -312,12 +221,38 @@ def validate(data: dict, where: str = "config") -> Config:
         e = err.errors()[0]
         field = ".".join(str(p) for p in e["loc"]) or "(top level)"
         if e["type"] == "extra_forbidden":
-            raise UserError(f"{where} {field}: unknown key (see rayjobs/config.py for the fields)") from None
+            raise UserError(f"{where} {field}: unknown key{_did_you_mean(e['loc'])} (see rayjobs/config.py for the fields)") from None
         msg = e["msg"].removeprefix("Value error, ")
         if not e["loc"] and re.match(r"^[a-z_]+\.[a-z_.]+: ", msg):  # a cross-section check names its own field
             raise UserError(f"{where} {msg}") from None
         got = "" if isinstance(e["input"], dict) else f" (got {e['input']!r})"
         raise UserError(f"{where} {field}: {msg}{got}") from None
+
+
+def _did_you_mean(loc: tuple) -> str:
+    """'; did you mean kl_coeff?' for an unknown key close to a field of its section ('' if none is)."""
+    import difflib
+    import typing
+
+    from pydantic import BaseModel
+
+    model: Any = Config
+    for part in loc[:-1]:
+        if isinstance(part, int):
+            continue
+        field = model.model_fields.get(part) if isinstance(model, type) and issubclass(model, BaseModel) else None
+        if field is None:
+            return ""
+        todo, model = [field.annotation], None
+        while todo and model is None:  # unwrap Optional[X], list[X], ... to the section's model
+            t = todo.pop()
+            if isinstance(t, type) and issubclass(t, BaseModel):
+                model = t
+            todo.extend(typing.get_args(t))
+        if model is None:
+            return ""
+    close = difflib.get_close_matches(str(loc[-1]), list(model.model_fields), n=1, cutoff=0.6)
+    return f"; did you mean {close[0]}?" if close else ""
 
 
 def _read_yaml(path: Path, chain: tuple[Path, ...] = ()) -> dict:
@@ -330,7 +265,10 @@ def _read_yaml(path: Path, chain: tuple[Path, ...] = ()) -> dict:
     try:
         data = yaml.safe_load(text)
     except yaml.YAMLError as err:
-        raise UserError(f"config file {path}: not valid YAML ({str(err).splitlines()[0]})") from None
+        mark = getattr(err, "problem_mark", None)
+        at = f"line {mark.line + 1}, column {mark.column + 1}: " if mark is not None else ""
+        what = getattr(err, "problem", None) or str(err).splitlines()[0]
+        raise UserError(f"config file {path}: not valid YAML ({at}{what}); fix the file there") from None
     if data is None:
         return {}
     if not isinstance(data, dict):
@@ -375,5 +313,8 @@ def set_dotted(data: dict, key: str, value: Any, where: str = "") -> None:
 
 
 def to_yaml(cfg: Config) -> str:
-    """The resolved config as YAML (what the run directory's config.yaml holds)."""
-    return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)
+    """The resolved config as YAML (what the run directory's config.yaml holds), secrets redacted
+    (rayjobs/redaction.py, docs/security.md: a value pasted into a config never lands in a run directory)."""
+    from rayjobs.redaction import redact
+
+    return yaml.safe_dump(redact(cfg.model_dump(mode="json")), sort_keys=False)

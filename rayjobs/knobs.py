@@ -34,7 +34,7 @@ def checkpoints(run_dir: Path) -> list[tuple[int, Path]]:
         return []
     pattern = f"{Path(run_dir).name}/*/" if storage else "checkpoints/*/"
     for state in Path(storage or run_dir).glob(pattern + checkpoint.STATE):
-        if (state.parent / checkpoint.WEIGHTS).is_file():
+        if (state.parent / checkpoint.WEIGHTS).is_file() and checkpoint.is_complete(state.parent):  # not one cut off mid-write
             found[json.loads(state.read_text(encoding="utf-8"))["step"]] = state.parent
     return sorted(found.items())
 

@@ -11,11 +11,9 @@ from __future__ import annotations
 
 import contextlib
 import math
-import shutil
 import tempfile
 import time
 from pathlib import Path
-from typing import Protocol
 
 import torch
 import torch.distributed as dist
@@ -30,47 +28,16 @@ from rayjobs import checkpoint, sharding
 from rayjobs.batches import Batches, mix_seed
 from rayjobs.class_images import generate_class_images, missing_indices
 from rayjobs.config import Config
+from rayjobs.contexts import LocalContext, WorkerContext  # noqa: F401 (LocalContext: the loop's plain runner)
 from rayjobs.optim import EMA, build_optimizer, build_schedule
 from rayjobs.prepare import prepare_components
-from rayjobs.runlog import STOP_FILE, STOP_REQUEST, RunLog
+from rayjobs.runlog import STOP_REQUEST, RunLog
+from rayjobs.stops import _location, _nonfinite_prompts, _stop
 from rayjobs.text_cache import TextEmbeddingCache
 from rayjobs.validation import validation_edits
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 EMA_PREFIX = "ema."  # checkpoint keys of the EMA averages
-
-
-class WorkerContext(Protocol):
-    rank: int
-    world_size: int
-    device: torch.device
-
-    def report(self, metrics: dict, checkpoint_dir: Path | None) -> None: ...
-
-    def latest_checkpoint(self) -> contextlib.AbstractContextManager[Path | None]: ...
-
-
-class LocalContext:
-    """One process, no Ray: checkpoints go to <run_dir>/checkpoints/local_step_N."""
-
-    rank, world_size = 0, 1
-
-    def __init__(self, run_dir: Path, device: str | torch.device = "cpu"):
-        self.root = Path(run_dir) / "checkpoints"
-        self.device = torch.device(device)
-        self.reports: list[dict] = []
-
-    def report(self, metrics: dict, checkpoint_dir: Path | None) -> None:
-        self.reports.append(dict(metrics))
-        if checkpoint_dir is not None:
-            target = self.root / f"local_step_{metrics['step']:06d}"
-            shutil.rmtree(target, ignore_errors=True)
-            shutil.copytree(checkpoint_dir, target)
-
-    @contextlib.contextmanager
-    def latest_checkpoint(self):
-        found = sorted(self.root.glob("local_step_*")) if self.root.exists() else []
-        yield found[-1] if found else None
 
 
 def sampler_settings(cfg: Config) -> SamplerSettings:
@@ -134,6 +101,8 @@ class Worker:
         self.schedule = build_schedule(self.optimizer, cfg.optim)
         self.ema = EMA(self.params, t.ema_decay) if t.ema_decay else None
         self._plain_depth = 0  # Worker.unwrapped nesting
+        self.nonfinite_prompts = ""  # the last non-finite step's prompts, described (train_step)
+        self.restored_from: str | None = None  # the checkpoint restore loaded (named in a stop message)
         self.batches = Batches(cfg, self.policy, ctx.rank)
 
     @property
@@ -182,17 +151,22 @@ class Worker:
         rank sees ``stop_requested`` > 0 in the result at the same step.
         Returns metrics including ``finite`` (0.0 when any rank saw a non-finite loss or
         gradient norm, in which case no update was applied; under deepspeed the engine updates in
-        finish_grads and skips only a non-finite gradient norm itself, and the run stops either way).
+        finish_grads and skips only a non-finite gradient norm itself). train_loop then stops or skips the step
+        (train.on_nonfinite); ``nonfinite_prompts`` names the prompts of this rank's offending micro-batches.
         """
         accum = self.cfg.train.grad_accum
         self.optimizer.zero_grad(set_to_none=True)
         totals: dict[str, torch.Tensor] = {}
+        micro_bad, micro_prompts = [], []  # per micro-batch: a non-finite metric (no host sync unless needed)
         for micro in range(accum):
+            batch = self.batch(step, micro)
             with self.strategy.accumulate(micro == accum - 1), self.autocast():  # gradients reduced on the last
-                loss, metrics = self.objective(self.policy, self.batch(step, micro))
+                loss, metrics = self.objective(self.policy, batch)
                 self.strategy.backward(loss / accum)
             for k, v in metrics.items():
                 totals[k] = totals.get(k, 0.0) + v.float() / accum
+            micro_bad.append(~torch.isfinite(torch.stack([v.float().to(self.ctx.device) for v in metrics.values()])).all())
+            micro_prompts.append(list(batch.get("prompts") or batch.get("captions") or batch.get("class_prompts") or []))
         clip = self.cfg.optim.grad_clip if self.cfg.optim.grad_clip > 0 else math.inf
         totals["grad_norm"] = self.strategy.finish_grads(self.optimizer, clip)  # the global norm, every rank
         keys = sorted(totals)
@@ -211,6 +185,8 @@ class Worker:
         out["finite"] = float(values[-1] == 0)
         if out["finite"]:
             self._apply(out)
+        else:
+            self.nonfinite_prompts = _nonfinite_prompts(self.ctx.rank, micro_bad, micro_prompts)
         if self.batches.skipped:
             out["data/skipped"] = float(self.batches.skipped)  # this rank's count (data.skip_bad)
         return out
@@ -289,9 +265,11 @@ class Worker:
         return {f"{EMA_PREFIX}{k}": v for k, v in self.ema.state_dict().items()} if self.ema is not None else {}
 
     def save(self, directory: Path, step: int) -> None:
-        """Every rank: the strategy writes what is sharded; checkpoint.save the rest (rank 0) and the RNG files."""
+        """Every rank: the strategy writes what is sharded; checkpoint.save the rest (rank 0) and the RNG files,
+        then this rank's manifest (the checkpoint is complete once every rank's is there)."""
+        checkpoint.begin(directory, self.ctx.rank)
         weights, optimizer = self.strategy.save(directory, self.policy, self.optimizer, self._ema_state())
-        checkpoint.save(directory, self.ctx.rank, step, weights, optimizer, self.schedule, self.scaler)
+        checkpoint.save(directory, self.ctx.rank, step, weights, optimizer, self.schedule, self.scaler, self.ctx.world_size)
 
     def restore(self) -> int:
         """Loads the latest checkpoint if there is one; returns the optimizer steps already done."""
@@ -299,6 +277,7 @@ class Worker:
             if directory is None:
                 return 0
             step, weights = checkpoint.load(directory, self.ctx.rank, self.optimizer, self.schedule, self.scaler)
+            self.restored_from = _location(self.ctx, step, directory)
             extra = self.strategy.load(directory, self.policy, self.optimizer, weights, self._ema_state())
         ema = {k[len(EMA_PREFIX) :]: v for k, v in extra.items()}
         if self.ema is not None and ema:
@@ -314,6 +293,9 @@ def train_loop(cfg: Config, run_dir: Path, ctx: WorkerContext) -> None:
     start = worker.restore()
     log = RunLog(run_dir) if ctx.rank == 0 else None
     total, every = cfg.train.steps, cfg.train.eval_every
+    last_good = worker.restored_from  # the newest complete checkpoint of this run ("none yet": None)
+    skip = cfg.train.on_nonfinite == "skip"
+    skipped = consecutive = 0  # non-finite steps skipped (train.on_nonfinite=skip): in all, in a row
     try:
         if start == 0:
             with worker.unwrapped():  # every rank: collective under fsdp
@@ -330,9 +312,20 @@ def train_loop(cfg: Config, run_dir: Path, ctx: WorkerContext) -> None:
                     log.log(step, {"stopped": "stop requested (early stopping)"})
                 return  # every rank at the same step; Train ends the run cleanly and frees its resources
             metrics["step_time_s"] = time.perf_counter() - t0
-            if not metrics["finite"]:
-                _stop(run_dir, log, done, metrics)
-                return
+            if not metrics["finite"]:  # the same on every rank (all-reduced): no update was applied
+                consecutive += 1
+                if not skip or consecutive >= cfg.train.max_skipped:
+                    limit = f"{consecutive} consecutive non-finite steps (train.max_skipped={cfg.train.max_skipped})" if skip else None
+                    _stop(run_dir, log, done, metrics, worker.nonfinite_prompts, last_good, limit)
+                    return
+                skipped += 1
+            else:
+                consecutive = 0
+            if skip:
+                metrics["skipped_nonfinite"] = float(not metrics["finite"])
+                metrics["skipped_nonfinite_total"] = float(skipped)
+                if not metrics["finite"] and log is not None:
+                    metrics["skipped_prompts"] = worker.nonfinite_prompts
             if log is not None:
                 log.log(done, metrics)
             is_eval = done == total or (every and done % every == 0)
@@ -343,6 +336,8 @@ def train_loop(cfg: Config, run_dir: Path, ctx: WorkerContext) -> None:
                         metrics.update(_evaluate(worker, log, done))
             if is_eval or is_ckpt:
                 _report(worker, ctx, done, metrics, is_ckpt)
+                if is_ckpt:
+                    last_good = _location(ctx, done)
         if worker.ema is not None:
             worker.ema.swap()  # export the averaged weights (trainable.ema_decay); every rank: fsdp swaps shards
         with worker.unwrapped():  # every rank: collective under fsdp
@@ -373,12 +368,3 @@ def _report(worker: Worker, ctx: WorkerContext, step: int, metrics: dict, with_c
     with tempfile.TemporaryDirectory(prefix="draftray-ckpt-") as tmp:
         worker.save(Path(tmp), step)
         ctx.report(payload, Path(tmp))
-
-
-def _stop(run_dir: Path, log: RunLog | None, step: int, metrics: dict) -> None:
-    """A non-finite loss or gradient: no update was applied; keep the last good checkpoint and stop."""
-    if log is None:
-        return
-    message = f"non-finite loss or gradient at step {step} (loss={metrics.get('loss')}, grad_norm={metrics.get('grad_norm')}); stopped, last good checkpoint kept"
-    log.log(step, {"stopped": message})
-    (run_dir / STOP_FILE).write_text(message + "\n", encoding="utf-8")

@@ -53,7 +53,9 @@ def _shards(folder: Path, where: str) -> list[Path]:
 def _text_prompts(path: Path, where: str) -> list[str]:
     try:
         lines = path.read_text(encoding="utf-8-sig").splitlines()
-    except (OSError, UnicodeDecodeError) as err:
+    except UnicodeDecodeError as err:
+        raise UserError(f"{where} {path}: not UTF-8 text (byte {err.start}: {err.reason}); save it as UTF-8") from None
+    except OSError as err:
         raise UserError(one_line(f"{where} {path}: cannot read ({getattr(err, 'strerror', None) or err})")) from None
     return [line.strip() for line in lines if line.strip()]
 

@@ -126,7 +126,11 @@ def build_pipeline(args):
         pipe = StableDiffusionInstructPix2PixPipeline(**pipe.components, requires_safety_checker=False)
         pipe.set_progress_bar_config(disable=True)
     if args.lora:
-        pipe.load_lora_weights(args.lora, weight_name=LORA_FILE)
+        try:
+            pipe.load_lora_weights(args.lora, weight_name=LORA_FILE)
+        except Exception as err:  # noqa: BLE001  (diffusers/peft/safetensors raise ValueError, KeyError, RuntimeError, SafetensorError)
+            why = next((ln.strip() for ln in str(err).splitlines() if ln.strip()), type(err).__name__)
+            raise UserError(f"--lora {args.lora}: {LORA_FILE} does not fit this model ({why}); give the export/ of a run on --model") from None
     for path in args.embeddings:
         _load_embeddings(pipe, Path(path), comps.is_sdxl, args.token)
     return pipe
@@ -161,8 +165,11 @@ def _load_embeddings(pipe, path: Path, is_sdxl: bool, token: str | None) -> None
     file = path / TI_FILE if path.is_dir() else path
     keys, metadata = set(), {}
     if file.suffix == ".safetensors" and file.is_file():
-        with safe_open(str(file), framework="pt") as f:
-            keys, metadata = set(f.keys()), f.metadata() or {}
+        try:
+            with safe_open(str(file), framework="pt") as f:
+                keys, metadata = set(f.keys()), f.metadata() or {}
+        except Exception as err:  # noqa: BLE001  (SafetensorError: not a safetensors file)
+            raise UserError(f"--embeddings {path}: not a readable .safetensors file ({str(err).strip().splitlines()[0]})") from None
     try:
         if not set(SDXL_EMBEDDING_KEYS) <= keys:
             if is_sdxl:
@@ -180,7 +187,7 @@ def _load_embeddings(pipe, path: Path, is_sdxl: bool, token: str | None) -> None
         pipe.load_textual_inversion(rows["clip_l"], token=token, text_encoder=pipe.text_encoder, tokenizer=pipe.tokenizer)
         pipe.load_textual_inversion(rows["clip_g"], token=token, text_encoder=pipe.text_encoder_2, tokenizer=pipe.tokenizer_2)
     except ValueError as err:
-        raise UserError(f"--embeddings {path}: {str(err).strip().splitlines()[0]}") from None
+        raise UserError(f"--embeddings {path}: {str(err).strip().splitlines()[0]}; give embeddings trained for --model's text encoder") from None
 
 
 def build_refiner(args, base):

@@ -23,7 +23,9 @@ from pathlib import Path
 
 from rayjobs.errors import UserError
 
-EXCLUDES = [".venv", "runs", ".git", "__pycache__", "*.egg-info", ".pytest_cache", ".cache", ".ray", "*.pyc"]
+EXCLUDES = [".venv", "runs", ".git", "__pycache__", "*.egg-info", ".pytest_cache", ".cache", ".ray", "*.pyc",
+            # credentials never travel with the upload (docs/security.md)
+            ".env", ".env.*", ".netrc", ".aws", ".config/gcloud", "*.pem", "*.key", "auth_token", "*_token"]
 DEFAULT_ADDRESS = "http://127.0.0.1:8265"
 TERMINAL_OK = "SUCCEEDED"
 
@@ -76,6 +78,7 @@ def plan(args) -> tuple[str, str, dict]:
     if not config.is_relative_to(working):
         raise UserError(f"{args.config}: the config must be inside the uploaded working directory {working}; move it there or pass --working-dir")
     cfg = load_config(config, args.overrides)  # a bad config fails here, exit 2, nothing submitted
+    refuse_secret_overrides(args.overrides)
     if args.sweep and cfg.sweep is None:
         raise UserError(f"--sweep: {args.config} has no sweep: section (see configs/toy-kl-sweep.yaml), or submit without --sweep")
     key = "sweep.name" if args.sweep else "run.name"
@@ -84,6 +87,22 @@ def plan(args) -> tuple[str, str, dict]:
     command += [*args.overrides, f"{key}={name}"] + (["--or-resume"] if args.sweep else [])
     runtime_env = {"working_dir": str(working), "excludes": EXCLUDES}
     return name, shlex.join(command), {"runtime_env": runtime_env, "resources": dict(cfg.ray.driver_resources)}
+
+
+def refuse_secret_overrides(overrides: list[str]) -> None:
+    """The entrypoint is readable by everyone with dashboard access (`ray job list`, the dashboard):
+    an override that carries a credential is refused; credentials come from the cluster's
+    environment or IAM roles (docs/security.md)."""
+    from rayjobs.config import apply_override
+    from rayjobs.redaction import redact
+
+    for item in overrides:
+        data: dict = {}
+        apply_override(data, item)
+        if redact(data) != data:
+            key = item.partition("=")[0]
+            raise UserError(f"override {key}=...: looks like a credential, and a job's entrypoint is visible to everyone "
+                            "who can reach the dashboard; set it in the cluster's environment instead (docs/security.md)")
 
 
 def submission_id(client, name: str) -> str:

@@ -98,7 +98,7 @@ def preflight(cfg: Config) -> Config:
     from models.components import ModelNotFoundError, check_model_source
     from rayjobs.batches import check_data, load_prompts
 
-    load_prompts(cfg)
+    warn_truncated(cfg, load_prompts(cfg))
     check_data(cfg)
     try:
         check_model_source(cfg.model.name_or_path)
@@ -114,6 +114,50 @@ def preflight(cfg: Config) -> Config:
         except (rewards.UnknownNameError, ValueError) as err:
             raise UserError(f"{where}: {err}") from None
     return _checked_diversity(cfg)
+
+
+def warn_truncated(cfg: Config, prompts: list[str], limit: int = 10000) -> None:
+    """One stderr line when prompts exceed the text encoder's context (77 CLIP tokens): they are cut, not an error."""
+    from models.components import BUILT_IN, TOY, TOY_DIR
+
+    name = cfg.model.name_or_path
+    folder = TOY_DIR if name == TOY else Path(name).expanduser()
+    try:
+        if name in BUILT_IN:
+            from models.tokenizer import build_clip_tokenizer
+
+            tok = build_clip_tokenizer()
+        elif (folder / "tokenizer").is_dir():
+            from transformers import CLIPTokenizer
+
+            tok = CLIPTokenizer.from_pretrained(str(folder), subfolder="tokenizer")
+        else:
+            return  # a hub id: no download just for a warning
+    except (OSError, ValueError):
+        return
+    cut = sum(len(ids) > tok.model_max_length for ids in tok(prompts[:limit], truncation=False).input_ids)
+    if cut:
+        print(f"draftray: warning: {cut} of {min(len(prompts), limit)} prompts are longer than the text encoder's "
+              f"{tok.model_max_length} tokens and will be truncated; shorten them to use every word", file=sys.stderr)  # fmt: skip
+
+
+def check_resume(cfg: Config, run_dir: Path) -> None:
+    """A run name that exists resumes its checkpoints: they must come from the same model and trainable set."""
+    import yaml
+
+    try:
+        old = yaml.safe_load((run_dir / "config.yaml").read_text(encoding="utf-8")) or {}
+    except (OSError, yaml.YAMLError):
+        return  # a new run (or nothing readable to compare)
+    new = cfg.model_dump(mode="json")
+    keys = [("model", "name_or_path")] + [("trainable", k) for k in ("kind", "lora_rank", "lora_targets", "text_encoder", "tokens", "unet_in_channels")]
+    for section, key in keys:
+        was, now = (old.get(section) or {}).get(key), new[section][key]
+        if was is not None and was != now:
+            raise UserError(
+                f"run.name {run_dir.name}: its checkpoints ({run_dir}) hold {section}.{key} {was!r}, not {now!r}; "
+                "give a new run.name to start a new run (or the same value to resume)"
+            )
 
 
 def check_model_options(cfg: Config) -> None:
@@ -226,9 +270,14 @@ def fit(cfg: Config, verbose: bool = False) -> Path:
     """Runs (or resumes) training; returns the run directory."""
     cfg = preflight(cfg)
     run_dir = run_dir_for(cfg)
+    check_resume(cfg, run_dir)
     started = connect(cfg, verbose)
     try:
         check_storage(cfg.ray.storage_path, cluster_nodes())
+        if started:  # a local cluster never grows: a run larger than it would wait forever
+            from rayjobs.sweep import check_resources
+
+            check_resources([cfg])
         prepare_run_dir(cfg, run_dir)
         run_trainer(cfg, run_dir)
     finally:

@@ -16,6 +16,7 @@ line naming the config key, the location, and the two ways out (fetch it, or poi
 from __future__ import annotations
 
 import os
+import pickle
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -134,6 +135,21 @@ def fetch(src: Source) -> Path:
     return Path(snapshot_download(repo, allow_patterns=["*.json", "*.txt", *weights]))
 
 
+def load_tensors_only(path: Path, key: str, what: str):
+    """torch.load with weights_only=True: tensors, plain containers and numbers, never an arbitrary
+    object. A file that needs more (a full pickle: unpickling it could run any code) is refused in
+    one line; it is never loaded with weights_only=False (docs/security.md)."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:
+        lines = [line.strip() for line in str(err).splitlines() if "Unsupported global" in line or "Unsupported operand" in line]
+        detail = lines[0].split(" was not")[0].removeprefix("WeightsUnpickler error: ") if lines else "objects other than tensors"
+        raise MissingWeightsError(
+            f"{key}: {what}: {path} is a pickle that holds more than tensors ({detail}); refused, since loading it could "
+            "run code from the file; use a .safetensors file or a plain state_dict saved with torch.save"
+        ) from None
+
+
 def check_weights_file(path: Path, key: str, what: str) -> None:
     """Cheap start-up check that a weights file is readable: a safetensors header, or a torch zip
     archive's central directory (at the end of the file, so a truncated download fails here)."""
@@ -146,8 +162,10 @@ def check_weights_file(path: Path, key: str, what: str) -> None:
         elif zipfile.is_zipfile(path):
             with zipfile.ZipFile(path) as z:
                 z.namelist()
-        else:  # a legacy (pre-1.6) torch pickle: no index to check, load it
-            torch.load(path, map_location="cpu", weights_only=True)
+        else:  # a legacy (pre-1.6) torch pickle: no index to check, load it (tensors only, never code)
+            load_tensors_only(path, key, what)
+    except MissingWeightsError:
+        raise
     except Exception as err:  # noqa: BLE001  (each format fails its own way)
         raise MissingWeightsError(f"{key}: {what}: {path} is not a readable weights file ({err}); fetch it again") from None
 
@@ -184,7 +202,7 @@ def load_state_dict_file(path: Path, key: str, what: str) -> dict[str, torch.Ten
 
         sd = load_file(str(path))
     else:
-        sd = torch.load(path, map_location="cpu", weights_only=True)
+        sd = load_tensors_only(path, key, what)
         if isinstance(sd, dict) and isinstance(sd.get("state_dict"), dict):
             sd = sd["state_dict"]
     if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):

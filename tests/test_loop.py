@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from rayjobs.config import load_config
-from rayjobs.loop import STOP_FILE, LocalContext, Worker, train_loop
-from rayjobs.runlog import read_metrics
+from rayjobs.loop import LocalContext, Worker, train_loop
+from rayjobs.runlog import STOP_FILE, read_metrics
 
 sys.path.insert(0, str(Path(__file__).parent))  # for 'faults:...' rewards
 

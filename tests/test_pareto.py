@@ -39,10 +39,17 @@ def _trial(root, name, kl, rows, status=None):
     if status:
         write_status(d, *status)
     for s, _, _ in rows[1:]:  # a checkpoint per evaluation after step 0
-        ck = d / "checkpoints" / f"step_{s:06d}"
-        ck.mkdir(parents=True)
-        (ck / "state.json").write_text(json.dumps({"step": s}))
-        (ck / "trainable.safetensors").write_bytes(b"x")
+        _checkpoint(d / "checkpoints" / f"step_{s:06d}", s)
+
+
+def _checkpoint(directory, step):
+    """A complete checkpoint (rayjobs/checkpoint.py: files + manifest) of one dummy weight at ``step``."""
+    import torch
+
+    from rayjobs import checkpoint
+
+    schedule = torch.optim.lr_scheduler.LambdaLR(torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1.0), lambda _: 1.0)
+    checkpoint.save(directory, 0, step, {"w": torch.zeros(1)}, None, schedule)
 
 
 @pytest.fixture
