@@ -69,10 +69,6 @@ class Conditioning:
         ids = torch.tensor([[*original, *crop, height, width]], dtype=self.states.dtype, device=self.states.device)  # [1, 6]
         return replace(self, time_ids=ids.repeat(len(self), 1))  # [B, 6]
 
-    def to(self, dtype: torch.dtype) -> "Conditioning":
-        cast = lambda x: None if x is None else x.to(dtype)  # noqa: E731
-        return Conditioning(self.states.to(dtype), cast(self.pooled), cast(self.time_ids))
-
     @property
     def dtype(self) -> torch.dtype:
         return self.states.dtype

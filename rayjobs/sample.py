@@ -29,11 +29,10 @@ from PIL import Image, UnidentifiedImageError
 from models.components import Components, ModelNotFoundError, load_components
 from models.export import LORA_FILE
 from models.masks import binarize
-from models.textual_inversion import TI_FILE
+from models.textual_inversion import SDXL_TI_KEYS, TI_FILE
 from rayjobs.errors import UserError
 
 TINY_REFINER = "tiny-refiner"  # models/sdxl.build_tiny_refiner, paired with the tiny SDXL's encoder and VAE
-SDXL_EMBEDDING_KEYS = ("clip_l", "clip_g")  # an SDXL embedding file: rows for text_encoder, text_encoder_2
 MASK_THRESHOLD = 128  # of 255: >= 0.5 repaints (models.masks.binarize, as diffusers' mask processor)
 INPAINT_CHANNELS = (4, 9)  # UNet inputs the inpainting pipelines take: text-to-image, or latents + mask + masked-image latents
 
@@ -171,9 +170,9 @@ def _load_embeddings(pipe, path: Path, is_sdxl: bool, token: str | None) -> None
         except Exception as err:  # noqa: BLE001  (SafetensorError: not a safetensors file)
             raise UserError(f"--embeddings {path}: not a readable .safetensors file ({str(err).strip().splitlines()[0]})") from None
     try:
-        if not set(SDXL_EMBEDDING_KEYS) <= keys:
+        if not set(SDXL_TI_KEYS) <= keys:
             if is_sdxl:
-                raise UserError(f"--embeddings {path}: an SDXL model needs a .safetensors file with {' and '.join(SDXL_EMBEDDING_KEYS)} rows")
+                raise UserError(f"--embeddings {path}: an SDXL model needs a .safetensors file with {' and '.join(SDXL_TI_KEYS)} rows")
             pipe.load_textual_inversion(str(path))
             return
         if not is_sdxl:

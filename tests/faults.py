@@ -51,6 +51,14 @@ class NaNFrom(_Counting):
         return out * float("nan") if self.calls >= self.at_call else out
 
 
+class NaNAt(_Counting):
+    """NaN rewards at training call ``at_call`` only (a transient fault)."""
+
+    def forward(self, images, prompts):
+        out = super().forward(images, prompts)
+        return out * float("nan") if self.calls == self.at_call else out
+
+
 class Rendezvous(Colorfulness):
     """Waits at its first training call until ``parties`` workers have arrived (one file each in
     ``directory``): it passes only if that many trials train at the same time, else it fails after

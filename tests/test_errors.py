@@ -249,6 +249,7 @@ def test_too_many_workers(tmp_path, capsys, monkeypatch):
     monkeypatch.setattr(train_mod, "connect", lambda cfg, verbose=False: True)
     monkeypatch.setattr(train_mod, "cluster_nodes", lambda: 1)
     monkeypatch.setattr(ray, "cluster_resources", lambda: {"CPU": 2.0})
+    monkeypatch.setattr(ray, "shutdown", lambda: None)  # nothing was started: fit must not stop another test's Ray
     for extra, words in ((["ray.num_workers=64"], ["ray.cpus_per_worker", "needs 64 CPUs", "has 2"]),
                          (["ray.use_gpu=true"], ["ray.num_workers", "needs 1 GPUs", "has 0"])):  # fmt: skip
         rc = _main(["train", *extra, f"run.output_dir={tmp_path}/runs"])

@@ -20,7 +20,6 @@ from rayjobs.runlog import STOP_FILE, read_metrics
 
 sys.path.insert(0, str(Path(__file__).parent))  # for 'faults:...' rewards
 
-from faults import _Counting  # noqa: E402
 
 FAST = [
     "sampler.steps=3",
@@ -31,14 +30,6 @@ FAST = [
     "train.eval_every=0",
     "train.checkpoint_every=1",
 ]
-
-
-class NaNAt(_Counting):
-    """NaN rewards at training call ``at_call`` only (a transient fault)."""
-
-    def forward(self, images, prompts):
-        out = super().forward(images, prompts)
-        return out * float("nan") if self.calls == self.at_call else out
 
 
 def _cfg(tmp_path, *extra):
@@ -70,7 +61,7 @@ def test_stop_before_any_checkpoint_says_none_yet(tmp_path):
 
 
 def test_skip_leaves_weights_optimizer_and_schedule_untouched_and_counts(tmp_path):
-    cfg = _cfg(tmp_path, "train.steps=3", "train.on_nonfinite=skip", "reward.name=test_reliability:NaNAt", "reward.kwargs={at_call: 2}")
+    cfg = _cfg(tmp_path, "train.steps=3", "train.on_nonfinite=skip", "reward.name=faults:NaNAt", "reward.kwargs={at_call: 2}")
     train_loop(cfg, tmp_path, LocalContext(tmp_path))
     assert not (tmp_path / STOP_FILE).exists() and (tmp_path / "export").is_dir()  # the run completed
     steps = {m["step"]: m for m in read_metrics(tmp_path) if "loss" in m}
