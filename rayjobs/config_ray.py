@@ -26,6 +26,11 @@ class RayConfig(_Strict):
         "metrics, samples and the export land under <storage_path>/<run name>/. None = local: <run dir>/checkpoints "
         "(single node only; a multi-node cluster is refused up front)",
     )
+    upload_attempts: int = Field(
+        3, ge=1, description="tries of each write to ray.storage_path (a checkpoint upload, the run directory's copy) before the "
+        "run fails; Ray itself retries only a few AWS error codes"
+    )
+    upload_backoff_s: float = Field(2.0, ge=0, description="seconds before the first retry of a failed upload, doubled after each (s)")
     strategy: Literal["ddp", "fsdp", "deepspeed"] = Field(
         "ddp",
         description="how ranks share the trainable weights (docs/sharding.md): ddp (a full copy per rank; LoRA, text encoder, "
@@ -41,4 +46,13 @@ class RayConfig(_Strict):
         {},
         description="custom resources of the thin drivers (a submitted job's entrypoint, each Tune trial's driver), e.g. "
         "{draftray_head: 0.001} pins them to the CPU head of cluster.yaml; {} = anywhere",
+    )
+    ddp_bucket_cap_mb: float = Field(
+        25.0, gt=0, description="ray.strategy ddp: MB of gradients per DDP all-reduce bucket (torch's default 25); each "
+        "bucket's all-reduce starts as soon as its gradients are ready, overlapping communication with the rest of "
+        "the backward. Larger: fewer, bigger messages (fast interconnects); smaller: earlier overlap",
+    )
+    ddp_gradient_as_bucket_view: bool = Field(
+        False, description="ray.strategy ddp: gradients are views into DDP's buckets (no second copy of the gradients: "
+        "saves one gradient's memory, about 4 bytes per trainable parameter); torch's default False"
     )

@@ -12,11 +12,25 @@ metrics and exports reachable from anywhere (``aws s3 sync``, or the shared file
 
 from __future__ import annotations
 
+import os
+import sys
+import tempfile
+import time
+import uuid
 from pathlib import Path
+from typing import Callable, TypeVar
 
 import ray
 
 from rayjobs.errors import UserError
+from rayjobs.redaction import redact_text
+
+T = TypeVar("T")
+PROBE_BYTES = 1 << 20  # the up-front probe write: a filesystem with less free space than this is full for a run
+
+
+class StorageError(RuntimeError):
+    """A write to the run's storage failed on every attempt (raised in the worker; the run stops with it)."""
 
 SKIPPED = ("checkpoints",)  # Ray Train already wrote these to the storage itself
 
@@ -34,6 +48,68 @@ def check_storage(storage_path: str | None, nodes: int) -> None:
             "to workers on the others; set ray.storage_path to s3://BUCKET/PREFIX, gs://BUCKET/PREFIX or a path on "
             "a filesystem every node mounts (NFS/EFS/Filestore)"
         )
+
+
+def check_writable(location: str, field: str) -> None:
+    """Up front, before anything is written: a probe file (PROBE_BYTES, fsynced, deleted again) where the run will
+    write. A read-only or full filesystem, a missing bucket, missing credentials or no network fail here with one
+    line naming ``field``, instead of at the first checkpoint. A local path that does not exist yet is probed in
+    its nearest existing parent (nothing is created)."""
+    shown = redact_text(location)
+    try:
+        if "://" in location:
+            _probe_uri(location)
+        else:
+            _probe_dir(Path(location).expanduser())
+    except OSError as err:
+        reason = redact_text(str(err).splitlines()[0] if str(err) else type(err).__name__)
+        hint = ("check that the bucket exists, the credentials (AWS_*, GOOGLE_APPLICATION_CREDENTIALS) and the network"
+                if "://" in location else "a read-only or full filesystem? free space or choose another path")  # fmt: skip
+        raise UserError(f"{field}: cannot write to {shown} ({reason}); {hint}") from None
+
+
+def _probe_dir(path: Path) -> None:
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    if not path.is_dir():
+        raise NotADirectoryError(f"{path} is not a directory")
+    fd, probe = tempfile.mkstemp(prefix=".draftray-probe-", dir=path)
+    try:
+        left = memoryview(bytes(PROBE_BYTES))
+        while left:  # a nearly full filesystem takes a short write first, then ENOSPC
+            left = left[os.write(fd, left) :]
+        os.fsync(fd)  # a full filesystem can accept the write into the page cache and fail only here
+    finally:
+        os.close(fd)
+        os.unlink(probe)
+
+
+def _probe_uri(uri: str) -> None:
+    import pyarrow.fs as pafs
+
+    fs, path = pafs.FileSystem.from_uri(uri)  # s3: resolves the bucket's region, so a missing bucket fails here
+    probe = f"{path.rstrip('/')}/.draftray-probe-{uuid.uuid4().hex}"
+    with fs.open_output_stream(probe) as out:
+        out.write(b"draftray")
+    fs.delete_file(probe)
+
+
+def retrying(fn: Callable[[], T], what: str, attempts: int, backoff_s: float, sleep: Callable[[float], None] = time.sleep) -> T:
+    """``fn()``, tried up to ``attempts`` times in all when it raises OSError (pyarrow's and the OS's I/O errors:
+    a full disk, a read-only mount, an S3 throttle or timeout), waiting backoff_s, 2 backoff_s, ... in between.
+    Ray retries a checkpoint upload itself only on a few AWS error codes; a run on spot nodes and a shared
+    filesystem meets others. The last failure raises StorageError naming ``what``."""
+    for attempt in range(1, attempts + 1):
+        try:
+            return fn()
+        except OSError as err:
+            reason = redact_text(str(err).splitlines()[0] if str(err) else type(err).__name__)
+            if attempt == attempts:
+                raise StorageError(f"{what} failed {attempts} times (last: {reason})") from err
+            wait = backoff_s * 2 ** (attempt - 1)
+            print(f"draftray: {what} failed ({reason}); retry {attempt} of {attempts - 1} in {wait:g} s", file=sys.stderr)
+            sleep(wait)
+    raise AssertionError("unreachable")
 
 
 def run_uri(storage_path: str, name: str) -> str:

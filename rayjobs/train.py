@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import sys
 from datetime import datetime
 from pathlib import Path
@@ -22,7 +23,7 @@ from rayjobs.config import Config, to_yaml
 from rayjobs.config_reward import DiversityConfig
 from rayjobs.errors import TrainingStopped, UserError
 from rayjobs.runlog import METRICS_FILE, PLACEMENT_GROUPS, STOP_FILE, STOP_REQUEST, Watcher, new_records, read_metrics
-from rayjobs.storage import check_storage, cluster_nodes, pull_run_dir, sync_run_dir
+from rayjobs.storage import StorageError, check_storage, check_writable, cluster_nodes, pull_run_dir, retrying, run_uri, sync_run_dir
 
 # torch, diffusers and the rewards are imported where used: a sweep's trial actors and Train's
 # controller import this module too and need none of them (each import costs seconds per trial).
@@ -33,40 +34,83 @@ CHECKPOINTS = "checkpoints"
 class RayContext:
     """The WorkerContext of a Ray Train worker."""
 
-    def __init__(self, run_dir: Path, storage_path: str | None = None):
+    def __init__(self, run_dir: Path, storage_path: str | None = None, attempts: int = 3, backoff_s: float = 2.0):
         ctx = ray.train.get_context()
         self.rank = ctx.get_world_rank()
         self.world_size = ctx.get_world_size()
         self.device = ray.train.torch.get_device()
         self.run_dir, self.storage_path = Path(run_dir), storage_path
+        self.attempts, self.backoff_s = attempts, backoff_s
         self.synced: dict = {}  # files already copied to the storage (rayjobs/storage.py)
 
     def report(self, metrics: dict, checkpoint_dir: Path | None) -> None:
         ckpt = ray.train.Checkpoint.from_directory(str(checkpoint_dir)) if checkpoint_dir else None
         # Every rank's files land in one directory per step (rank 0: weights, all: RNG state).
-        ray.train.report(metrics, checkpoint=ckpt, checkpoint_dir_name=f"step_{metrics['step']:06d}" if ckpt else None)
+        name = f"step_{metrics['step']:06d}" if ckpt else None
+        ray.train.report(metrics, checkpoint=ckpt, checkpoint_dir_name=name, checkpoint_upload_fn=self._upload if ckpt else None)
         self.sync()
+
+    def _upload(self, ckpt: ray.train.Checkpoint, name: str) -> ray.train.Checkpoint:
+        """Ray's own copy into the run's storage, retried (ray.upload_attempts); registered only once whole."""
+        storage = ray.train.get_context().get_storage()
+        what = f"checkpoint upload of {name} to {self.checkpoint_location(int(name.split('_')[-1]))}"
+        try:
+            return retrying(lambda: storage.persist_current_checkpoint(ckpt, name), what, self.attempts, self.backoff_s)
+        except StorageError:  # never registered; remove what part of it landed (it would read as a checkpoint)
+            with contextlib.suppress(OSError):
+                storage.storage_filesystem.delete_dir(storage.build_checkpoint_path_from_name(name))
+            raise
+
+    def checkpoint_location(self, step: int) -> str:
+        """Where the step's checkpoint lands (rayjobs.train._fit_trainer's RunConfig), for messages."""
+        root = run_uri(self.storage_path, self.run_dir.name) if self.storage_path else str(self.run_dir / CHECKPOINTS)
+        return f"{root}/step_{step:06d}"
 
     def sync(self) -> None:
         """Rank 0 copies the run directory next to the checkpoints in ray.storage_path (rayjobs/storage.py)."""
         if self.rank == 0 and self.storage_path:
-            sync_run_dir(self.run_dir, self.storage_path, self.run_dir.name, self.synced)
+            what = f"copy of the run directory to {run_uri(self.storage_path, self.run_dir.name)}"
+            retrying(lambda: sync_run_dir(self.run_dir, self.storage_path, self.run_dir.name, self.synced), what, self.attempts, self.backoff_s)
 
     @contextlib.contextmanager
     def latest_checkpoint(self):
+        """The latest checkpoint Ray registered, or, when it fails checkpoint.verify (files altered or lost in the
+        storage after the upload), the newest older step_NNNNNN beside it that passes (every rank picks the
+        same); None before the first."""
+        from rayjobs import checkpoint  # imports torch: not at module level (see above)
+
         ckpt = ray.train.get_checkpoint()
         if ckpt is None:
             yield None
             return
-        with ckpt.as_directory() as directory:
-            yield Path(directory)
+        for candidate in [ckpt, *_older_checkpoints(ckpt)]:
+            with candidate.as_directory() as directory:
+                try:
+                    checkpoint.verify(Path(directory))
+                except checkpoint.CheckpointError as err:
+                    print(f"draftray: skipping {err}", file=sys.stderr)
+                    continue
+                yield Path(directory)
+                return
+        raise checkpoint.CheckpointError(f"no complete checkpoint beside {ckpt.path}: start a new run.name")
+
+
+def _older_checkpoints(ckpt: ray.train.Checkpoint) -> list[ray.train.Checkpoint]:
+    """The step_NNNNNN directories beside ``ckpt`` in its storage with a lower step, newest first."""
+    import pyarrow.fs as pafs
+
+    parent, name = ckpt.path.rstrip("/").rsplit("/", 1)
+    infos = ckpt.filesystem.get_file_info(pafs.FileSelector(parent))
+    older = sorted((i.base_name for i in infos if i.type == pafs.FileType.Directory and re.fullmatch(r"step_\d{6}", i.base_name)
+                    and i.base_name < name), reverse=True)  # fmt: skip
+    return [ray.train.Checkpoint(f"{parent}/{n}", filesystem=ckpt.filesystem) for n in older]
 
 
 def _worker_entry(config: dict) -> None:
     from rayjobs.loop import train_loop
 
     cfg = Config.model_validate(config["cfg"])
-    ctx = RayContext(Path(config["run_dir"]), cfg.ray.storage_path)
+    ctx = RayContext(Path(config["run_dir"]), cfg.ray.storage_path, cfg.ray.upload_attempts, cfg.ray.upload_backoff_s)
     if ctx.rank == 0:
         record_placement_group(Path(config["run_dir"]))
         if cfg.ray.storage_path:
@@ -113,6 +157,9 @@ def preflight(cfg: Config) -> Config:
             raise UserError(str(err)) from None  # already names the key
         except (rewards.UnknownNameError, ValueError) as err:
             raise UserError(f"{where}: {err}") from None
+    check_writable(cfg.run.output_dir, "run.output_dir")
+    if cfg.ray.storage_path:
+        check_writable(cfg.ray.storage_path, "ray.storage_path")
     return _checked_diversity(cfg)
 
 
@@ -303,6 +350,12 @@ def run_trainer(cfg: Config, run_dir: Path, callbacks: list = (), progress: bool
     try:
         _fit_trainer(cfg, run_dir, list(callbacks), progress, keep)
     except (ray.train.TrainingFailedError, ray.exceptions.RayError) as err:
+        storage = re.search(r"StorageError: (.+)", str(err))  # a worker's upload failed on every retry
+        if storage:
+            raise TrainingStopped(
+                f"{storage.group(1).strip()}; the checkpoints before it are kept: free space or fix ray.storage_path, "
+                "then start the same run.name to resume"
+            ) from err
         first = next((line for line in str(err).splitlines() if line.strip()), type(err).__name__)
         raise TrainingStopped(
             f"training failed ({first.strip()}); checkpoints are kept, start the same run.name to resume; "

@@ -31,3 +31,44 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    """One local Ray cluster (2 CPUs) per test module that asks for it: each start costs seconds on 2 cores."""
+    import ray
+
+    from rayjobs.train import start_local_ray
+
+    # Workers of a local cluster inherit this environment: they can import tests/faults.py.
+    tests_dir = os.path.dirname(__file__)
+    os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [tests_dir, os.environ.get("PYTHONPATH")]))
+    start_local_ray(num_cpus=2)
+    yield
+    ray.shutdown()
+    os.environ.pop("RAY_API_SERVER_ADDRESS", None)
+
+
+@pytest.fixture
+def tmpfs(tmp_path):
+    """A factory of small real filesystems (tmpfs mounts; needs root with CAP_SYS_ADMIN, else the test skips):
+    ``tmpfs("name", "16m")`` mounts one, unmounted after the test. A full or read-only filesystem is then the
+    kernel's own ENOSPC/EROFS, not a Python mock."""
+    import subprocess
+
+    mounted = []
+
+    def mount(name: str, size: str = "16m", readonly: bool = False):
+        path = tmp_path / name
+        path.mkdir()
+        opts = f"size={size}" + (",ro" if readonly else "")
+        done = subprocess.run(["mount", "-t", "tmpfs", "-o", opts, "tmpfs", str(path)], capture_output=True, text=True)
+        if done.returncode != 0:
+            pytest.skip(f"cannot mount a tmpfs here ({done.stderr.strip() or done.returncode}): needs root with CAP_SYS_ADMIN")
+        mounted.append(path)
+        return path
+
+    yield mount
+    for path in reversed(mounted):
+        subprocess.run(["umount", "-l", str(path)], capture_output=True)
+

@@ -4,7 +4,9 @@ Ray workers import this module by name: the tests put this directory on PYTHONPA
 They count training calls only (calls with grad enabled), so evaluation does not shift them.
 """
 
+import json
 import os
+import signal
 import time
 from pathlib import Path
 
@@ -24,8 +26,17 @@ class _Counting(Colorfulness):
         return super().forward(images, prompts)
 
 
+def _die() -> None:
+    """SIGKILL this process, as the kernel's OOM killer or a lost spot node would: no cleanup, no atexit."""
+    # Ray Train V2's controller learns of a reported checkpoint at its next poll of the workers
+    # (RAY_TRAIN_HEALTH_CHECK_INTERVAL_S); a kill within that window loses the checkpoint and the run
+    # restarts from the one before (seen here once, with steps 0.05 s apart). Wait past it.
+    time.sleep(1.0)
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
 class CrashOnce(_Counting):
-    """Kills its worker process (like an OOM kill) at training call ``at_call``, once per marker file."""
+    """Kills its worker process (SIGKILL, like an OOM kill) at training call ``at_call``, once per marker file."""
 
     def __init__(self, at_call: int, marker: str):
         super().__init__(at_call)
@@ -35,11 +46,53 @@ class CrashOnce(_Counting):
         out = super().forward(images, prompts)
         if self.calls == self.at_call and not self.marker.exists():
             self.marker.touch()
-            # Ray Train V2's controller learns of a reported checkpoint at its next poll of the workers
-            # (RAY_TRAIN_HEALTH_CHECK_INTERVAL_S); a kill within that window loses the checkpoint and the run
-            # restarts from the one before (seen here once, with steps 0.05 s apart). Wait past it.
-            time.sleep(1.0)
-            os._exit(1)
+            _die()
+        return out
+
+
+class KillAt(Colorfulness):
+    """SIGKILLs its worker at each training call number in ``at_calls`` once, counting this process's calls:
+    the first process dies at its call ``at_calls[0]``, the one Ray restarts at its call ``at_calls[1]`` (counted
+    from its resume), and so on. One marker file per kill in ``directory``, holding the pid."""
+
+    def __init__(self, at_calls: list[int], directory: str):
+        super().__init__()
+        self.at_calls, self.dir, self.calls = list(at_calls), Path(directory), 0
+
+    def forward(self, images, prompts):
+        out = super().forward(images, prompts)
+        if torch.is_grad_enabled():
+            self.calls += 1
+            done = len(list(self.dir.glob("kill_*"))) if self.dir.exists() else 0
+            if done < len(self.at_calls) and self.calls == self.at_calls[done]:
+                self.dir.mkdir(parents=True, exist_ok=True)
+                (self.dir / f"kill_{done}").write_text(str(os.getpid()))
+                _die()
+        return out
+
+
+class NodeHold(Colorfulness):
+    """Logs the Ray node of every training call to ``log`` (one line each); at training call ``at_call`` of the
+    first process it writes its node id to ``marker`` and waits (up to ``timeout`` s) for the test to remove
+    that node."""
+
+    def __init__(self, at_call: int, marker: str, log: str, timeout: float = 120.0):
+        super().__init__()
+        self.at_call, self.marker, self.log, self.timeout, self.calls = at_call, Path(marker), Path(log), timeout, 0
+
+    def forward(self, images, prompts):
+        import ray
+
+        out = super().forward(images, prompts)
+        if torch.is_grad_enabled():
+            self.calls += 1
+            node = ray.get_runtime_context().get_node_id()
+            with open(self.log, "a", encoding="utf-8") as f:
+                f.write(json.dumps({"pid": os.getpid(), "node": node}) + "\n")
+            if self.calls == self.at_call and not self.marker.exists():
+                time.sleep(1.0)  # let the controller register the last checkpoint (see _die)
+                self.marker.write_text(node)
+                time.sleep(self.timeout)
         return out
 
 
@@ -79,3 +132,52 @@ class Rendezvous(Colorfulness):
                 time.sleep(0.1)
             self.arrived = True
         return super().forward(images, prompts)
+
+
+class Slow(Colorfulness):
+    """Colourfulness that takes ``seconds`` longer per training call: a run long enough to be killed midway."""
+
+    def __init__(self, seconds: float):
+        super().__init__()
+        self.seconds = seconds
+
+    def forward(self, images, prompts):
+        if torch.is_grad_enabled():
+            time.sleep(self.seconds)
+        return super().forward(images, prompts)
+
+
+def fill(directory) -> Path:
+    """Writes a ballast file into ``directory`` until its filesystem is full (the kernel's ENOSPC); returns it."""
+    ballast = Path(directory) / "ballast"
+    with open(ballast, "wb", buffering=0) as out:
+        try:
+            while True:
+                out.write(bytes(1 << 16))
+        except OSError:
+            pass
+    return ballast
+
+
+class FillDisk(Colorfulness):
+    """At training call ``at_call`` (once: while no ballast is there) fills the filesystem of ``directory``; with
+    ``free_after`` it deletes the ballast again that many seconds later (a transient outage)."""
+
+    def __init__(self, at_call: int, directory: str, free_after: float | None = None):
+        super().__init__()
+        self.at_call, self.dir, self.free_after, self.calls = at_call, Path(directory), free_after, 0
+
+    def forward(self, images, prompts):
+        import threading
+
+        out = super().forward(images, prompts)
+        if torch.is_grad_enabled():
+            self.calls += 1
+            if self.calls == self.at_call and not (self.dir / "ballast").exists() and not (self.dir / "freed").exists():
+                ballast = fill(self.dir)
+                if self.free_after is not None:
+                    def free():
+                        ballast.unlink()
+                        (self.dir / "freed").touch()
+                    threading.Timer(self.free_after, free).start()
+        return out

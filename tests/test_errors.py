@@ -182,8 +182,11 @@ ROWS = {
     "score-images-missing": (score(**{"--images": lambda w: w.root / "noimages"}), ["--images", "noimages"]),
     "score-truncated-image": (score(**{"--images": lambda w: w.score_truncated, "--prompts": lambda w: w.root / "one.txt"}), ["0.png", "cannot read"]),
     "score-prompt-count": (score(**{"--prompts": lambda w: w.long_prompts}), ["long.txt", "3 prompts for 2 images"]),
+    # --- storage (no network here: the bucket cannot be resolved; a missing bucket fails at the same call)
+    "storage-unreachable": (train("ray.storage_path=s3://draftray-no-such-bucket-7f3a/runs"),
+                            ["ray.storage_path", "cannot write to s3://draftray-no-such-bucket-7f3a/runs", "check that the bucket exists"]),
 }
-SPECIAL = ["prompts-too-long", "too-many-workers", "resume-other-model", "yaml-syntax-process"]
+SPECIAL = ["prompts-too-long", "too-many-workers", "resume-other-model", "yaml-syntax-process", "storage-read-only", "storage-full"]
 
 
 def _main(argv):
@@ -277,6 +280,27 @@ def test_resume_other_model(tmp_path, capsys):
     assert rc == 2
     assert_one_line(capsys.readouterr().err.strip(), ["run.name r1", "model.name_or_path 'tiny', not 'toy'", "new run.name"])
     assert snapshot(run_dir) == before
+
+
+def test_storage_read_only(tmpfs, capsys):
+    """run.output_dir on a read-only filesystem (a real read-only tmpfs mount): refused up front."""
+    ro = tmpfs("ro", readonly=True)
+    rc = _main(["train", f"run.output_dir={ro / 'runs'}", "run.name=r"])
+    assert rc == 2
+    assert_one_line(capsys.readouterr().err.strip(), [f"run.output_dir: cannot write to {ro / 'runs'}", "Read-only file system",
+                                                      "free space or choose another path"])  # fmt: skip
+
+
+def test_storage_full(tmpfs, tmp_path, capsys):
+    """ray.storage_path on a full filesystem (a real tmpfs, filled): refused before the run directory exists."""
+    from faults import fill
+
+    full = tmpfs("full", "2m")
+    fill(full)
+    rc = _main(["train", f"run.output_dir={tmp_path / 'runs'}", "run.name=r", f"ray.storage_path={full / 'store'}"])
+    assert rc == 2
+    assert_one_line(capsys.readouterr().err.strip(), [f"ray.storage_path: cannot write to {full / 'store'}", "No space left on device"])
+    assert not (tmp_path / "runs").exists() and [p.name for p in full.iterdir()] == ["ballast"]  # nothing written
 
 
 def test_every_row_is_documented():

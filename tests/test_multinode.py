@@ -4,6 +4,7 @@ spreads over both nodes, a sweep runs 2 trials at once across them, and local st
 A separate cluster from tests/test_ray.py's (module-scoped: it is shut down before that module starts).
 """
 
+import json
 import os
 from pathlib import Path
 
@@ -97,3 +98,53 @@ def test_sync_copies_only_what_changed_and_pull_restores_it(tmp_path):
     assert sorted(p.name for p in (tmp_path / "store" / "r").rglob("*")) == ["metrics.jsonl", "samples", "step_000001.png"]
     elsewhere = tmp_path / "node2" / "r"  # rank 0 on another node after a restart
     assert pull_run_dir(elsewhere, store, "r") == 2 and (elsewhere / "metrics.jsonl").read_text().count("step") == 2
+
+
+class _Blocker:
+    def ready(self) -> bool:
+        return True
+
+
+def test_a_lost_node_resumes_on_the_remaining_one(two_nodes, tmp_path):
+    """The node running the only worker is removed from the cluster mid-run (its raylet and workers killed): Ray
+    Train restarts the worker group on the head node from the last checkpoint, and the run completes. A blocker
+    actor holds the head's CPU at the start so that the worker lands on the second node."""
+    import threading
+    import time
+
+    import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    from rayjobs.train import fit
+
+    head = ray.get_runtime_context().get_node_id()  # the driver's node
+    held = ray.remote(num_cpus=1)(_Blocker).options(scheduling_strategy=NodeAffinitySchedulingStrategy(head, soft=False)).remote()
+    ray.get(held.ready.remote(), timeout=60)
+    marker, log = tmp_path / "held", tmp_path / "nodes.jsonl"
+    cfg = _cfg(tmp_path, "run.name=lost", "train.steps=4", "train.checkpoint_every=1", "ray.max_failures=1",
+               f"ray.storage_path={tmp_path / 'shared'}", "reward.name=faults:NodeHold",
+               f"reward.kwargs={{at_call: 3, marker: '{marker}', log: '{log}'}}")  # fmt: skip
+    result: dict = {}
+    runner = threading.Thread(target=lambda: result.update(run=fit(cfg)))
+    runner.start()
+    try:
+        deadline = time.time() + 180
+        while not marker.exists() and runner.is_alive() and time.time() < deadline:
+            time.sleep(0.2)
+        lost = marker.read_text()
+        assert lost != head
+        ray.kill(held)  # the head's CPU is free for the restarted worker
+        node = next(n for n in two_nodes.worker_nodes if n.node_id == lost)
+        two_nodes.remove_node(node, allow_graceful=False)
+        runner.join(timeout=300)
+    finally:
+        if two_nodes.list_all_nodes() and len(two_nodes.list_all_nodes()) < 2:
+            two_nodes.add_node(num_cpus=1)  # the module's later tests expect two nodes
+            two_nodes.wait_for_nodes()
+    run = result["run"]
+    calls = [json.loads(line)["node"] for line in log.read_text().splitlines()]
+    assert calls[:3] == [lost] * 3 and set(calls[3:]) == {head}  # steps 1-3 on the lost node, the rest on the head
+    resumed = [m["resumed_from_step"] for m in read_metrics(run) if "resumed_from_step" in m]
+    assert resumed == [2]  # from the step-2 checkpoint, not from scratch
+    assert [m["step"] for m in read_metrics(run) if "loss" in m][-2:] == [3, 4]
+    assert (tmp_path / "shared" / "lost" / "step_000004" / "manifest.json").is_file()

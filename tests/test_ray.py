@@ -1,60 +1,21 @@
-"""Ray Train: a 2-worker CPU run, resume after a killed worker, resume of a named run.
+"""Ray Train and Tune on one local cluster (conftest.py's module-scoped ``cluster``): 2-worker DDP runs, the
+supervised presets, sweeps. Killed workers, drivers and storage faults are in tests/test_ray_faults.py."""
 
-One local cluster for the module (each start costs seconds on 2 cores).
-"""
-
-import contextlib
-import json
-import os
 from pathlib import Path
 
 import pytest
 
 from rayjobs.config import load_config
 from rayjobs.runlog import read_metrics
+from rayrun import FAST, fit_fast, sweep_cfg, train_steps
 
 pytestmark = pytest.mark.ray
-
-TESTS_DIR = str(Path(__file__).parent)
-FAST = [
-    "sampler.steps=3",
-    "sampler.truncation_steps=2",
-    "data.eval_prompts=[a red circle]",
-    "data.eval_seeds=[0,1]",
-    "train.batch_size=1",
-    "train.eval_every=0",
-]
-
-
-@pytest.fixture(scope="module")
-def cluster():
-    import ray
-
-    # Workers of a local cluster inherit this environment: they can import tests/faults.py.
-    os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [TESTS_DIR, os.environ.get("PYTHONPATH")]))
-    from rayjobs.train import start_local_ray
-
-    start_local_ray(num_cpus=2)
-    yield
-    ray.shutdown()
-    os.environ.pop("RAY_API_SERVER_ADDRESS", None)
-
-
-def _fit(tmp_path, name, *extra):
-    from rayjobs.train import fit
-
-    cfg = load_config(None, FAST + [f"run.output_dir={tmp_path}", f"run.name={name}", *extra])
-    return fit(cfg)
-
-
-def _train_steps(run_dir):
-    return [m["step"] for m in read_metrics(run_dir) if "loss" in m]
 
 
 def test_two_workers_ddp(cluster, tmp_path):
     """2 ranks, gloo DDP, K=2 (two grad forwards before one backward): every rank checkpoints."""
-    run = _fit(tmp_path, "two", "ray.num_workers=2", "train.steps=2", "train.checkpoint_every=2")
-    assert _train_steps(run) == [1, 2]
+    run = fit_fast(tmp_path, "two", "ray.num_workers=2", "train.steps=2", "train.checkpoint_every=2")
+    assert train_steps(run) == [1, 2]
     ckpt = run / "checkpoints" / "step_000002"
     assert {"rng_rank0.pt", "rng_rank1.pt", "trainable.safetensors", "optimizer.pt", "state.json"} <= {p.name for p in ckpt.iterdir()}
     assert (run / "export" / "pytorch_lora_weights.safetensors").is_file()
@@ -63,8 +24,8 @@ def test_two_workers_ddp(cluster, tmp_path):
 
 def test_sdxl_draftplus_on_two_workers(cluster, tmp_path):
     """The tiny SDXL (two text encoders, pooled embeds, time ids) through Ray Train and DDP; its LoRA export."""
-    run = _fit(tmp_path, "sdxl", "model.name_or_path=tiny-sdxl", "ray.num_workers=2", "train.steps=2", "train.checkpoint_every=2")
-    assert _train_steps(run) == [1, 2]
+    run = fit_fast(tmp_path, "sdxl", "model.name_or_path=tiny-sdxl", "ray.num_workers=2", "train.steps=2", "train.checkpoint_every=2")
+    assert train_steps(run) == [1, 2]
     assert (run / "export" / "pytorch_lora_weights.safetensors").is_file()
     assert (run / "samples" / "base_vs_final.png").is_file()
 
@@ -74,7 +35,7 @@ def test_inpainting_lora_through_ray(cluster, tmp_path):
     from toydata import write_toy_images
 
     write_toy_images(tmp_path / "data", 2)
-    run = _fit(tmp_path, "inpaint", "model.name_or_path=tiny-inpaint", "trainable.unet_in_channels=9", "data.inpaint=true",
+    run = fit_fast(tmp_path, "inpaint", "model.name_or_path=tiny-inpaint", "trainable.unet_in_channels=9", "data.inpaint=true",
                "objective.preset=finetune", f"data.source={tmp_path / 'data'}", "data.resolution=32", "train.steps=2",
                "train.checkpoint_every=2")  # fmt: skip
     steps = [m for m in read_metrics(run) if "loss" in m]
@@ -89,7 +50,7 @@ def test_dreambooth_on_two_workers_draws_class_images_once(cluster, tmp_path):
 
     instance, classes = tmp_path / "instance", tmp_path / "classes"
     write_toy_images(instance, 2, captions=False)
-    run = _fit(tmp_path, "db", "ray.num_workers=2", "train.steps=2", "objective.preset=dreambooth", f"data.source={instance}",
+    run = fit_fast(tmp_path, "db", "ray.num_workers=2", "train.steps=2", "objective.preset=dreambooth", f"data.source={instance}",
                "data.fixed_caption=a sks star", f"data.class_dir={classes}", "data.class_prompt=a star", "data.num_class_images=3")  # fmt: skip
     assert sorted(p.name for p in classes.iterdir()) == ["class_00000.png", "class_00001.png", "class_00002.png"]
     steps = [m for m in read_metrics(run) if "loss" in m]
@@ -125,50 +86,7 @@ def test_each_supervised_preset_trains_through_ray(cluster, tmp_path, preset, ki
         assert (run / "samples" / "edits_step_000002.png").is_file()
 
 
-def test_resume_after_killed_worker_and_after_restart(cluster, tmp_path):
-    marker = tmp_path / "crashed"
-    reward = ["reward.name=faults:CrashOnce", f"reward.kwargs={{at_call: 4, marker: '{marker}'}}"]
-    run = _fit(tmp_path, "crash", "train.steps=5", "train.checkpoint_every=2", "ray.max_failures=1", *reward)
-    assert marker.exists()  # the worker really died during step 4
-    metrics = read_metrics(run)
-    resumed = [m["resumed_from_step"] for m in metrics if "resumed_from_step" in m]
-    assert resumed == [2]  # restarted from the step-2 checkpoint, not from scratch
-    assert _train_steps(run) == [1, 2, 3, 2 + 1, 4, 5]  # step 3 logged twice: before and after the crash
-    assert json.loads((run / "checkpoints" / "step_000005" / "state.json").read_text()) == {"step": 5}
-
-    # Starting a run with the same name again resumes it: more steps continue from step 5.
-    again = _fit(tmp_path, "crash", "train.steps=6", "train.checkpoint_every=2", *reward)
-    assert again == run
-    assert [m["resumed_from_step"] for m in read_metrics(run) if "resumed_from_step" in m] == [2, 5]
-    assert _train_steps(run)[-1] == 6
-
-
-def test_non_finite_loss_stops_the_run_with_a_message(cluster, tmp_path):
-    from rayjobs.errors import TrainingStopped
-
-    with pytest.raises(TrainingStopped, match="non-finite loss or gradient at step 2 .loss=nan"):
-        _fit(tmp_path, "nan", "train.steps=4", "train.checkpoint_every=1", "reward.name=faults:NaNFrom", "reward.kwargs={at_call: 2}")
-    assert sorted(p.name for p in (tmp_path / "nan" / "checkpoints").glob("step_*")) == ["step_000001"]
-
-
-def test_worker_failure_beyond_max_failures_is_one_clear_error(cluster, tmp_path):
-    from rayjobs.errors import TrainingStopped
-
-    marker = tmp_path / "crashed"
-    reward = ["reward.name=faults:CrashOnce", f"reward.kwargs={{at_call: 2, marker: '{marker}'}}"]
-    with pytest.raises(TrainingStopped, match="training failed .*start the same run.name to resume"):
-        _fit(tmp_path, "dies", "train.steps=3", "train.checkpoint_every=1", "ray.max_failures=0", *reward)
-    assert (tmp_path / "dies" / "checkpoints" / "step_000001" / "trainable.safetensors").is_file()
-
-
-# The toy default, shortened: 10 steps at a higher lr so DRaFT visibly hacks the reward within them.
-SWEEP_FAST = ["train.steps=10", "train.eval_every=5", "optim.lr=3e-3", "data.eval_seeds=[0,1,2,3]"]
-SWEEP_YAML = Path(__file__).parents[1] / "configs" / "toy-kl-sweep.yaml"
 OUTPUTS = {"sweep.yaml", "trials", "tune", "trials.csv", "pareto.csv", "pareto.json", "pareto.png", "front", "summary.md"}
-
-
-def _sweep_cfg(tmp_path, name, *extra):
-    return load_config(SWEEP_YAML, [f"run.output_dir={tmp_path}", f"sweep.name={name}", *SWEEP_FAST, *extra])
 
 
 def test_kl_sweep_end_to_end(cluster, tmp_path):
@@ -178,7 +96,7 @@ def test_kl_sweep_end_to_end(cluster, tmp_path):
     from rayjobs.pareto import read_csv, rebuild
     from rayjobs.sweep import run_sweep
 
-    cfg = _sweep_cfg(tmp_path, "kl3", "sweep.params={objective.kl_coeff: {grid: [0.0, 1.0, 10.0]}}",
+    cfg = sweep_cfg(tmp_path, "kl3", "sweep.params={objective.kl_coeff: {grid: [0.0, 1.0, 10.0]}}",
                      "sweep.inference={lora_scales: [0.0], aig: [draft]}")  # fmt: skip
     out = run_sweep(cfg)
     assert OUTPUTS <= {p.name for p in out.iterdir()}
@@ -218,7 +136,7 @@ def test_failed_trial_is_retried_then_recorded(cluster, tmp_path):
     marker = tmp_path / "crashed"
     crash_once = f"{{name: 'faults:CrashOnce', kwargs: {{at_call: 4, marker: '{marker}'}}}}"
     nan_always = "{name: 'faults:NaNFrom', kwargs: {at_call: 1}}"  # before any checkpoint: fails on every retry
-    cfg = _sweep_cfg(tmp_path, "faults", "train.steps=4", "train.eval_every=2", "ray.max_failures=0", "sweep.max_failures=1",
+    cfg = sweep_cfg(tmp_path, "faults", "train.steps=4", "train.eval_every=2", "ray.max_failures=0", "sweep.max_failures=1",
                      f"sweep.params={{reward: {{grid: [{crash_once}, {nan_always}]}}}}")  # fmt: skip
     with pytest.raises(TrainingStopped, match="1 of 2 trials failed"):
         run_sweep(cfg)
@@ -267,7 +185,7 @@ def test_optuna_with_asha_finishes_and_releases_resources(cluster, tmp_path):
     from rayjobs.pareto import read_csv
     from rayjobs.sweep import run_sweep
 
-    cfg = _sweep_cfg(tmp_path, "asha", "train.steps=6", "train.eval_every=2", "sweep.search=optuna", "sweep.num_samples=4",
+    cfg = sweep_cfg(tmp_path, "asha", "train.steps=6", "train.eval_every=2", "sweep.search=optuna", "sweep.num_samples=4",
                      "sweep.params={objective.kl_coeff: {loguniform: [0.01, 10.0]}}", "sweep.inference={}",
                      "sweep.scheduler={grace_period: 2, reduction_factor: 4}")  # fmt: skip
     out = run_sweep(cfg)
@@ -278,62 +196,3 @@ def test_optuna_with_asha_finishes_and_releases_resources(cluster, tmp_path):
     stopped = [r for r in rows if status[r["trial"]] == "stopped"]
     assert max(r["step"] for r in stopped) < cfg.train.steps
     _wait_for_all_cpus()  # nothing left reserved (placement groups are removed asynchronously)
-
-
-def _registered_checkpoint(run_dir: Path) -> bool:
-    snapshot = run_dir / "checkpoints" / "checkpoint_manager_snapshot.json"
-    try:
-        return bool(json.loads(snapshot.read_text()).get("checkpoint_results"))
-    except (OSError, ValueError):
-        return False
-
-
-def test_resume_after_killing_the_driver(cluster, tmp_path):
-    """`draftray sweep` killed (SIGKILL) while its second trial trains; `--resume` finishes the sweep
-    without repeating the finished trial, continuing the interrupted one from its checkpoint."""
-    import signal
-    import subprocess
-    import sys
-    import time
-
-    import psutil
-
-    from rayjobs.pareto import read_csv
-    from rayjobs.runlog import read_status
-    from rayjobs.sweep import resume_sweep
-
-    argv = [sys.executable, "-m", "rayjobs.cli", "sweep", str(SWEEP_YAML), f"run.output_dir={tmp_path}", "sweep.name=killed",
-            *SWEEP_FAST, "train.steps=6", "train.eval_every=2", "sweep.max_concurrent=1", "sweep.inference={}",
-            "sweep.params={objective.kl_coeff: {grid: [0.0, 1.0, 10.0]}}"]  # fmt: skip
-    driver = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=Path(__file__).parents[1])
-    trials = tmp_path / "killed" / "trials"
-    deadline = time.time() + 240
-    try:
-        while time.time() < deadline:  # kill once one trial is done and the next has a checkpoint
-            states = {d.name: read_status(d)["status"] for d in trials.glob("*") if (d / "trial.json").exists()}
-            # a checkpoint counts once Ray Train's controller has registered it (its snapshot names it), not when
-            # its files exist: a kill in between loses it, and the resumed trial would restart from zero
-            started = [d for d in trials.glob("*") if states.get(d.name) == "running" and _registered_checkpoint(d)]
-            if "done" in states.values() and started:
-                break
-            time.sleep(0.5)
-        else:
-            pytest.fail("the sweep did not get to its second trial in time")
-    finally:
-        family = psutil.Process(driver.pid).children(recursive=True)  # the driver's own Ray cluster
-        driver.send_signal(signal.SIGKILL)
-        driver.wait()
-        for p in family:  # only the processes this test started, by PID
-            with contextlib.suppress(psutil.NoSuchProcess):
-                p.kill()
-    done_before = {d.name: (d / "metrics.jsonl").read_text() for d in trials.glob("*") if read_status(d)["status"] == "done"}
-    out = resume_sweep(tmp_path / "killed")  # on this module's cluster
-    rows = read_csv(out / "trials.csv")
-    assert {r["status"] for r in rows} == {"done"} and len({r["trial"] for r in rows}) == 3
-    for name, text in done_before.items():
-        steps = [m["step"] for m in read_metrics(trials / name) if "loss" in m]
-        assert steps == list(range(1, 7)), name  # the finished trial did not train again
-    for d in trials.glob("*"):
-        assert sorted(set(m["step"] for m in read_metrics(d) if "loss" in m)) == list(range(1, 7))
-    assert any("resumed_from_step" in m for d in trials.glob("*") for m in read_metrics(d))
-    assert (out / "pareto.png").exists() and (out / "summary.md").exists()

@@ -1,0 +1,225 @@
+"""Faults injected for real into Ray runs on the module's local cluster (docs/reliability.md, issue 9).
+
+Workers are SIGKILLed at random steps (tests/faults.py), drivers are SIGKILLed and their command run again,
+and a run's storage fills up or turns read-only. The promise checked: the run ends where an uninterrupted
+one ends, bit for bit on CPU, and a failure is one clear message with the checkpoints kept.
+"""
+
+import json
+import random
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from rayjobs.runlog import read_metrics
+from rayrun import FAST, REPO, SWEEP_FAST, SWEEP_YAML, fit_fast, kill_with_children, registered_checkpoint, train_steps
+
+pytestmark = pytest.mark.ray
+
+
+def _final_state(run: Path, step: int) -> tuple[dict, dict]:
+    """The trainable weights and the optimizer state (AdamW moments, step counts) of the step's checkpoint."""
+    ckpt = run / "checkpoints" / f"step_{step:06d}"
+    return load_file(ckpt / "trainable.safetensors"), torch.load(ckpt / "optimizer.pt", weights_only=True)
+
+
+def _assert_bitwise_equal(a, b, where="") -> None:
+    if isinstance(a, torch.Tensor):
+        assert isinstance(b, torch.Tensor) and a.dtype == b.dtype and torch.equal(a, b), where
+    elif isinstance(a, dict):
+        assert a.keys() == b.keys(), where
+        for k in a:
+            _assert_bitwise_equal(a[k], b[k], f"{where}.{k}")
+    elif isinstance(a, (list, tuple)):
+        assert len(a) == len(b), where
+        for i, (x, y) in enumerate(zip(a, b)):
+            _assert_bitwise_equal(x, y, f"{where}[{i}]")
+    else:
+        assert a == b, where
+
+
+STEPS = 6
+KILLED = [f"train.steps={STEPS}", "train.checkpoint_every=1", "ray.max_failures=3"]
+
+
+@pytest.fixture(scope="module")
+def straight(cluster, tmp_path_factory):
+    """The uninterrupted run the killed ones are compared with (the same reward, with no kill)."""
+    tmp = tmp_path_factory.mktemp("straight")
+    return fit_fast(tmp, "straight", *KILLED, "reward.name=faults:KillAt", f"reward.kwargs={{at_calls: [], directory: '{tmp / 'kills'}'}}")
+
+
+def _killed_twice(tmp_path, seed: int) -> tuple[Path, list[int]]:
+    rng = random.Random(seed)
+    first = rng.randint(2, STEPS)  # the first process dies at this step (after the step-(first-1) checkpoint)
+    second = rng.randint(1, STEPS - first + 1)  # the restarted one at its call `second`, counted from its resume
+    kills = tmp_path / "kills"
+    reward = ["reward.name=faults:KillAt", f"reward.kwargs={{at_calls: [{first}, {second}], directory: '{kills}'}}"]
+    return fit_fast(tmp_path, f"killed{seed}", *KILLED, *reward), [first, second]
+
+
+def _check_killed_run(run: Path, straight: Path, kills: list[int]) -> None:
+    assert len(list((run.parent / "kills").glob("kill_*"))) == 2, kills  # both workers really died
+    resumed = [m["resumed_from_step"] for m in read_metrics(run) if "resumed_from_step" in m]
+    assert len(resumed) == 2 and resumed[0] <= kills[0] - 1, (kills, resumed)  # from a checkpoint, not from zero
+    assert set(train_steps(run)) == set(range(1, STEPS + 1)) and train_steps(run)[-1] == STEPS, kills
+    assert json.loads((run / "checkpoints" / f"step_{STEPS:06d}" / "state.json").read_text()) == {"step": STEPS}
+    _assert_bitwise_equal(_final_state(run, STEPS), _final_state(straight, STEPS), f"kills at {kills}")
+    a, b = (load_file(r / "export" / "pytorch_lora_weights.safetensors") for r in (run, straight))
+    _assert_bitwise_equal(a, b, "export")
+
+
+def test_sigkill_at_random_steps_ends_bitwise_equal(straight, tmp_path):
+    """Two SIGKILLs of the Ray Train worker at steps drawn at random: the run completes with the exact step count,
+    and its final LoRA weights, AdamW state and export are bitwise equal to the uninterrupted run's."""
+    run, kills = _killed_twice(tmp_path, seed=0)
+    _check_killed_run(run, straight, kills)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("seed", [1, 2, 3])
+def test_sigkill_at_more_random_steps(straight, tmp_path, seed):
+    run, kills = _killed_twice(tmp_path, seed)
+    _check_killed_run(run, straight, kills)
+
+
+def test_killed_train_driver_then_the_same_command_continues(cluster, tmp_path):
+    """`draftray train` SIGKILLed midway (with its own local Ray); the same command again (here on the module's
+    cluster) continues the run from its last registered checkpoint: one run directory, every step once more
+    at most, and the run ends at train.steps."""
+    from rayjobs.cli import main
+
+    args = ["train", *FAST, f"run.output_dir={tmp_path}", "run.name=drv", "train.steps=10", "train.checkpoint_every=1",
+            "reward.name=faults:Slow", "reward.kwargs={seconds: 0.5}"]  # fmt: skip
+    driver = subprocess.Popen([sys.executable, "-m", "rayjobs.cli", *args], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=REPO)
+    run = tmp_path / "drv"
+    deadline = time.time() + 240
+    try:
+        while time.time() < deadline and not (registered_checkpoint(run) and len(train_steps(run)) >= 2):
+            time.sleep(0.3)
+        assert driver.poll() is None, "the driver ended before it could be killed"
+    finally:
+        kill_with_children(driver)
+    before = train_steps(run)
+    assert 2 <= len(before) < 10, before
+    assert main(args) == 0
+    assert [p.name for p in tmp_path.iterdir()] == ["drv"]  # continued, not forked into a second run
+    resumed = [m["resumed_from_step"] for m in read_metrics(run) if "resumed_from_step" in m]
+    assert len(resumed) == 1 and 1 <= resumed[0] <= before[-1]
+    steps = train_steps(run)
+    assert steps[: len(before)] == before and steps[len(before) :] == list(range(resumed[0] + 1, 11))
+
+
+def test_resume_after_killed_worker_and_after_restart(cluster, tmp_path):
+    marker = tmp_path / "crashed"
+    reward = ["reward.name=faults:CrashOnce", f"reward.kwargs={{at_call: 4, marker: '{marker}'}}"]
+    run = fit_fast(tmp_path, "crash", "train.steps=5", "train.checkpoint_every=2", "ray.max_failures=1", *reward)
+    assert marker.exists()  # the worker really died during step 4
+    metrics = read_metrics(run)
+    resumed = [m["resumed_from_step"] for m in metrics if "resumed_from_step" in m]
+    assert resumed == [2]  # restarted from the step-2 checkpoint, not from scratch
+    assert train_steps(run) == [1, 2, 3, 2 + 1, 4, 5]  # step 3 logged twice: before and after the crash
+    assert json.loads((run / "checkpoints" / "step_000005" / "state.json").read_text()) == {"step": 5}
+
+    # Starting a run with the same name again resumes it. Its latest checkpoint (step 5) altered in the storage
+    # is skipped: the run continues from step 4, the newest that verifies.
+    weights = run / "checkpoints" / "step_000005" / "trainable.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-8] + bytes(8))
+    again = fit_fast(tmp_path, "crash", "train.steps=6", "train.checkpoint_every=2", *reward)
+    assert again == run
+    assert [m["resumed_from_step"] for m in read_metrics(run) if "resumed_from_step" in m] == [2, 4]
+    assert train_steps(run)[-2:] == [5, 6]
+
+
+def test_non_finite_loss_stops_the_run_with_a_message(cluster, tmp_path):
+    from rayjobs.errors import TrainingStopped
+
+    with pytest.raises(TrainingStopped, match="non-finite loss or gradient at step 2 .loss=nan"):
+        fit_fast(tmp_path, "nan", "train.steps=4", "train.checkpoint_every=1", "reward.name=faults:NaNFrom", "reward.kwargs={at_call: 2}")
+    assert sorted(p.name for p in (tmp_path / "nan" / "checkpoints").glob("step_*")) == ["step_000001"]
+
+
+def test_worker_failure_beyond_max_failures_is_one_clear_error(cluster, tmp_path):
+    from rayjobs.errors import TrainingStopped
+
+    marker = tmp_path / "crashed"
+    reward = ["reward.name=faults:CrashOnce", f"reward.kwargs={{at_call: 2, marker: '{marker}'}}"]
+    with pytest.raises(TrainingStopped, match="training failed .*start the same run.name to resume"):
+        fit_fast(tmp_path, "dies", "train.steps=3", "train.checkpoint_every=1", "ray.max_failures=0", *reward)
+    assert (tmp_path / "dies" / "checkpoints" / "step_000001" / "trainable.safetensors").is_file()
+
+
+def test_resume_after_killing_the_driver(cluster, tmp_path):
+    """`draftray sweep` killed (SIGKILL) while its second trial trains; `--resume` finishes the sweep
+    without repeating the finished trial, continuing the interrupted one from its checkpoint."""
+    from rayjobs.pareto import read_csv
+    from rayjobs.runlog import read_status
+    from rayjobs.sweep import resume_sweep
+
+    argv = [sys.executable, "-m", "rayjobs.cli", "sweep", str(SWEEP_YAML), f"run.output_dir={tmp_path}", "sweep.name=killed",
+            *SWEEP_FAST, "train.steps=6", "train.eval_every=2", "sweep.max_concurrent=1", "sweep.inference={}",
+            "sweep.params={objective.kl_coeff: {grid: [0.0, 1.0, 10.0]}}"]  # fmt: skip
+    driver = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=REPO)
+    trials = tmp_path / "killed" / "trials"
+    deadline = time.time() + 240
+    try:
+        while time.time() < deadline:  # kill once one trial is done and the next has a checkpoint
+            states = {d.name: read_status(d)["status"] for d in trials.glob("*") if (d / "trial.json").exists()}
+            # a checkpoint counts once Ray Train's controller has registered it (its snapshot names it), not when
+            # its files exist: a kill in between loses it, and the resumed trial would restart from zero
+            started = [d for d in trials.glob("*") if states.get(d.name) == "running" and registered_checkpoint(d)]
+            if "done" in states.values() and started:
+                break
+            time.sleep(0.5)
+        else:
+            pytest.fail("the sweep did not get to its second trial in time")
+    finally:
+        kill_with_children(driver)  # and the driver's own Ray cluster
+    done_before = {d.name: (d / "metrics.jsonl").read_text() for d in trials.glob("*") if read_status(d)["status"] == "done"}
+    out = resume_sweep(tmp_path / "killed")  # on this module's cluster
+    rows = read_csv(out / "trials.csv")
+    assert {r["status"] for r in rows} == {"done"} and len({r["trial"] for r in rows}) == 3
+    for name, text in done_before.items():
+        steps = [m["step"] for m in read_metrics(trials / name) if "loss" in m]
+        assert steps == list(range(1, 7)), name  # the finished trial did not train again
+    for d in trials.glob("*"):
+        assert sorted(set(m["step"] for m in read_metrics(d) if "loss" in m)) == list(range(1, 7))
+    assert any("resumed_from_step" in m for d in trials.glob("*") for m in read_metrics(d))
+    assert (out / "pareto.png").exists() and (out / "summary.md").exists()
+
+
+def test_storage_full_during_a_run_fails_after_the_retries_and_keeps_the_last_checkpoint(cluster, tmpfs, tmp_path):
+    """The storage fills up at step 3 and stays full: the step-3 upload is tried ray.upload_attempts times, then
+    the run stops with one message naming the checkpoint and the reason; step 2's checkpoint stays loadable."""
+    from rayjobs.checkpoint import verify
+    from rayjobs.errors import TrainingStopped
+
+    store = tmpfs("store", "16m")
+    fault = ["reward.name=faults:FillDisk", f"reward.kwargs={{at_call: 3, directory: '{store}'}}"]
+    with pytest.raises(TrainingStopped) as err:
+        fit_fast(tmp_path, "full", "train.steps=4", "train.checkpoint_every=1", "ray.max_failures=0", f"ray.storage_path={store}",
+                 "ray.upload_attempts=2", "ray.upload_backoff_s=0.1", *fault)  # fmt: skip
+    message = str(err.value)
+    assert f"{store}/full/step_000003 failed 2 times (last: " in message and "No space left on device" in message, message
+    assert "\n" not in message
+    verify(store / "full" / "step_000002")  # complete and loadable
+    assert not (store / "full" / "step_000003").exists()  # the partial upload is removed, never registered
+
+
+def test_a_transient_storage_outage_is_retried_and_the_run_completes(cluster, tmpfs, tmp_path):
+    """The storage is full for 1 s at step 3: the upload's retry after ray.upload_backoff_s lands it."""
+    from rayjobs.checkpoint import verify
+
+    store = tmpfs("store", "16m")
+    fault = ["reward.name=faults:FillDisk", f"reward.kwargs={{at_call: 3, directory: '{store}', free_after: 1.0}}"]
+    run = fit_fast(tmp_path, "blip", "train.steps=4", "train.checkpoint_every=1", "ray.max_failures=0", f"ray.storage_path={store}",
+                   "ray.upload_backoff_s=2.0", *fault)  # fmt: skip
+    assert (store / "freed").exists()  # the outage happened, and ended
+    assert train_steps(run) == [1, 2, 3, 4] and not any("resumed_from_step" in m for m in read_metrics(run))
+    for step in (3, 4):
+        verify(store / "blip" / f"step_{step:06d}")
