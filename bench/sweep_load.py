@@ -7,8 +7,10 @@ It checks and reports
 
     accounted      every trial in trials.csv, each done, stopped or failed with its error (no trial lost)
     leaked groups  placement groups not REMOVED once the sweep has returned (60 s grace: removal is asynchronous)
-    driver RSS     the driver process's resident memory, sampled every second, against the trials ended so far:
-                   the least-squares slope over the second half of the sweep (MB per trial) and first/last values
+    driver RSS     the driver process's resident memory, sampled every second, against the trials started so far
+                   (trial directories; Tune writes a stopped trial's status only at the end, so "ended" lags): the
+                   least-squares slope from the 10th trial's start to the last's (MB per trial), the values then,
+                   and the value after the sweep's outputs (the Pareto plot imports matplotlib)
 
 Run: ``.venv/bin/python -m bench.sweep_load [--trials 50] [--concurrency 2] [--steps 2]`` (about 10 min on 2 cores).
 """
@@ -38,26 +40,26 @@ def _overrides(out: str, trials: int, concurrency: int, steps: int) -> list[str]
 
 
 class Sampler(threading.Thread):
-    """(seconds, driver RSS in bytes, trials ended) every ``every`` seconds until stopped."""
+    """(seconds, driver RSS in bytes, trials started, trials ended) every ``every`` seconds until stopped."""
 
     def __init__(self, trials_dir: Path, every: float = 1.0):
         super().__init__(daemon=True)
         import psutil
 
         self.proc, self.trials_dir, self.every = psutil.Process(), trials_dir, every
-        self.samples: list[tuple[float, int, int]] = []
+        self.samples: list[tuple[float, int, int, int]] = []
         self.halt = threading.Event()
 
-    def ended(self) -> int:
+    def counts(self) -> tuple[int, int]:
         from rayjobs.runlog import read_status
 
         dirs = [d for d in self.trials_dir.glob("*") if (d / "trial.json").exists()] if self.trials_dir.exists() else []
-        return sum(1 for d in dirs if read_status(d)["status"] in ("done", "stopped", "failed"))
+        return len(dirs), sum(1 for d in dirs if read_status(d)["status"] in ("done", "stopped", "failed"))
 
     def run(self) -> None:
         t0 = time.monotonic()
         while not self.halt.wait(self.every):
-            self.samples.append((time.monotonic() - t0, self.proc.memory_info().rss, self.ended()))
+            self.samples.append((time.monotonic() - t0, self.proc.memory_info().rss, *self.counts()))
 
 
 def _slope(points: list[tuple[int, int]]) -> float | None:
@@ -86,14 +88,16 @@ def _summary(rows: list[dict], samples: list, trials: int) -> dict:
     for r in rows:
         status.setdefault(r["trial"], (r["status"], r.get("error", "")))
     counts = {s: sum(1 for v, _ in status.values() if v == s) for s in ("done", "stopped", "failed")}
-    failed_with_error = sum(1 for v, e in status.values() if v == "failed" and e)
-    half = [(ended, rss) for _, rss, ended in samples if ended >= trials // 2]
-    return {"trials": trials, "in_trials_csv": len(status), **counts, "failed_with_error": failed_with_error,
-            "rss_first_mb": round(samples[0][1] / MB, 1) if samples else None,
-            "rss_at_half_mb": round(half[0][1] / MB, 1) if half else None,
-            "rss_last_mb": round(samples[-1][1] / MB, 1) if samples else None,
-            "rss_peak_mb": round(max(s[1] for s in samples) / MB, 1) if samples else None,
-            "rss_slope_second_half_mb_per_trial": None if _slope(half) is None else round(_slope(half) / MB, 3)}  # fmt: skip
+    errors = sorted({e.splitlines()[0][:120] for v, e in status.values() if v == "failed" and e})
+    steady = [(started, rss) for _, rss, started, _ in samples if 10 <= started < trials] + [
+        next(((started, rss) for _, rss, started, _ in samples if started == trials), (trials, samples[-1][1]))]
+    slope = _slope(steady)
+    at = {n: next((rss for _, rss, started, _ in samples if started >= n), None) for n in (1, 10, trials)}
+    mb = lambda b: None if b is None else round(b / MB, 1)  # noqa: E731
+    return {"trials": trials, "in_trials_csv": len(status), **counts, "failed_with_error": sum(1 for v, e in status.values() if v == "failed" and e),
+            "errors": errors, "rss_start_mb": mb(samples[0][1]), "rss_first_trial_mb": mb(at[1]), "rss_10th_trial_mb": mb(at[10]),
+            "rss_last_trial_mb": mb(at[trials]), "rss_end_mb": mb(samples[-1][1]),
+            "rss_slope_mb_per_trial": None if slope is None else round(slope / MB, 3)}  # fmt: skip
 
 
 def main() -> None:
@@ -101,7 +105,7 @@ def main() -> None:
     ap.add_argument("--trials", type=int, default=50)
     ap.add_argument("--concurrency", type=int, default=2)
     ap.add_argument("--steps", type=int, default=2)
-    ap.add_argument("--trace", type=Path, help="also write the samples [seconds, driver RSS MB, trials ended] to this JSON file")
+    ap.add_argument("--trace", type=Path, help="also write the samples [seconds, driver RSS MB, trials started, ended] to this JSON file")
     args = ap.parse_args()
 
     import ray
@@ -131,7 +135,7 @@ def main() -> None:
             out.update(wall_s=round(wall, 1), leaked_placement_groups=_leaked_groups(),
                        cpus_free=ray.available_resources().get("CPU", 0) == ray.cluster_resources()["CPU"])  # fmt: skip
             if args.trace:
-                args.trace.write_text(json.dumps([(round(t, 1), round(rss / MB, 1), ended) for t, rss, ended in sampler.samples]))
+                args.trace.write_text(json.dumps([(round(t, 1), round(rss / MB, 1), n, e) for t, rss, n, e in sampler.samples]))
     finally:
         ray.shutdown()
     print(json.dumps(out))

@@ -347,6 +347,12 @@ class SweepProgress(Watcher):
             for rec in (r for r in records if self.reward in r):
                 cfg = yaml.safe_load((path.parent / "config.yaml").read_text(encoding="utf-8"))
                 params = " ".join(f"{k.split('.')[-1]}={get_dotted(cfg, k)}" for k in self.keys)
-                print(f"[{path.parent.name}] {params} step {rec['step']}: reward {rec[self.reward]:.4g}, "
-                      f"diversity {rec.get(self.diversity, float('nan')):.4g}, kl {rec.get('eval/kl', float('nan')):.3g}",
+                print(f"[{path.parent.name}] {params} step {rec['step']}: reward {_num(rec[self.reward], '.4g')}, "
+                      f"diversity {_num(rec.get(self.diversity), '.4g')}, kl {_num(rec.get('eval/kl'), '.3g')}",
                       file=sys.stderr, flush=True)  # fmt: skip
+
+
+def _num(value, spec: str) -> str:
+    """A metric for a progress line: metrics.jsonl keeps a non-finite value as the string 'nan'/'inf'
+    (rayjobs/runlog.py), which a format spec would reject (a diverging trial killed this thread once)."""
+    return format(value, spec) if isinstance(value, (int, float)) else str(value if value is not None else "nan")

@@ -139,8 +139,9 @@ def test_resume_after_killed_worker_and_after_restart(cluster, tmp_path):
 def test_non_finite_loss_stops_the_run_with_a_message(cluster, tmp_path):
     from rayjobs.errors import TrainingStopped
 
-    with pytest.raises(TrainingStopped, match="non-finite loss or gradient at step 2 .loss=nan"):
+    with pytest.raises(TrainingStopped, match="non-finite loss or gradient at step 2 .loss=nan") as err:
         fit_fast(tmp_path, "nan", "train.steps=4", "train.checkpoint_every=1", "reward.name=faults:NaNFrom", "reward.kwargs={at_call: 2}")
+    assert str(err.value).endswith(f"last good checkpoint kept: {tmp_path / 'nan' / 'checkpoints' / 'step_000001'}")  # a path to open
     assert sorted(p.name for p in (tmp_path / "nan" / "checkpoints").glob("step_*")) == ["step_000001"]
 
 

@@ -107,3 +107,16 @@ def test_sweep_without_section_is_a_clear_error():
 
     with pytest.raises(UserError, match="no sweep section"):
         run_sweep(load_config(None))
+
+
+def test_progress_line_of_a_diverged_trial(tmp_path, capsys):
+    """metrics.jsonl keeps a non-finite metric as the string 'nan'/'inf'; the sweep's progress printer shows it
+    (the 50-trial load bench found the printer thread dying on one)."""
+    from rayjobs.sweep import SweepProgress
+
+    trial = tmp_path / "trials" / "t0"
+    trial.mkdir(parents=True)
+    (trial / "config.yaml").write_text("optim:\n  lr: 2000.0\n")
+    (trial / "metrics.jsonl").write_text('{"step": 1, "eval/reward_mean": "inf", "eval/kl": 6.5e7}\n')
+    SweepProgress(tmp_path / "trials", ["optim.lr"], "eval/reward_mean", "eval/diversity_lpips").poll()
+    assert capsys.readouterr().err == "[t0] lr=2000.0 step 1: reward inf, diversity nan, kl 6.5e+07\n"
