@@ -36,9 +36,9 @@ test: $(DEV)
 test-all: $(DEV)
 	$(PY) -m pytest -q
 
-## Speed and memory ratios (bench/README.md); results go to docs/benchmarks.md by hand.
+## The CPU benchmark suite (bench/README.md; `python -m bench gpu` on a GPU); results go to docs/benchmarks.md by hand.
 bench: $(RUNTIME)
-	$(PY) -m bench.core
+	$(PY) -m bench cpu
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

@@ -163,6 +163,10 @@ class Timeline:
 
     def __init__(self, device: torch.device):
         self.cuda = device.type == "cuda"
+        self.reset()
+
+    def reset(self) -> None:
+        """Forget the marks: a new step (hooks installed once stay valid; bench/gpu.py)."""
         self.marks: dict[str, float] = {}
         self.memory: dict[str, int] = {}
 
@@ -180,7 +184,7 @@ class Timeline:
             tensor.register_hook(lambda grad: (self.mark(name), grad)[1])
 
 
-def install_hooks(policy: Policy, timeline: Timeline) -> list:
+def install_hooks(unet: torch.nn.Module, vae: torch.nn.Module, timeline: Timeline) -> list:
     """Phase boundaries from module hooks, so that the sampler and objective stay unchanged: the first
     UNet call with grad ends no-grad sampling; the VAE decoder's input and output bound the decode in the
     forward and, when their gradients arrive, the reward's and the decoder's backward."""
@@ -199,9 +203,9 @@ def install_hooks(policy: Policy, timeline: Timeline) -> list:
             timeline.grad_mark(out, "decode_bwd")
 
     return [
-        policy.unet.register_forward_pre_hook(unet_pre),
-        policy.components.vae.decoder.register_forward_pre_hook(dec_pre),
-        policy.components.vae.decoder.register_forward_hook(dec_post),
+        unet.register_forward_pre_hook(unet_pre),
+        vae.decoder.register_forward_pre_hook(dec_pre),
+        vae.decoder.register_forward_hook(dec_post),
     ]
 
 
@@ -218,12 +222,19 @@ PHASES = {
 }
 
 
+def phase_times(marks: dict[str, float]) -> dict[str, float]:
+    """{phase: seconds} of one step's marks, plus "total step"."""
+    phases = {name: marks[b] - marks[a] for name, (a, b) in PHASES.items()}
+    phases["total step"] = marks["end"] - marks["start"]
+    return phases
+
+
 def one_step(policy, objective, optimizer, setup: Setup, seed: int) -> tuple[dict[str, float], tuple[int, int], float]:
     """One DRaFT+ step, marked: ({phase: s}, (peak bytes allocated, reserved), loss). The mark
     'reward_bwd' is where backward starts; the gradient reaches the decoder's output when the reward's
     backward (with its recomputation, if checkpointed) is done."""
     timeline = Timeline(setup.device)
-    hooks = install_hooks(policy, timeline)
+    hooks = install_hooks(policy.unet, policy.components.vae, timeline)
     autocast = torch.autocast(setup.device.type, setup.dtype) if setup.dtype != torch.float32 else contextlib.nullcontext()
     try:
         if timeline.cuda:
@@ -240,9 +251,7 @@ def one_step(policy, objective, optimizer, setup: Setup, seed: int) -> tuple[dic
     finally:
         for hook in hooks:
             hook.remove()
-    m = timeline.marks
-    phases = {name: m[b] - m[a] for name, (a, b) in PHASES.items()}
-    phases["total step"] = m["end"] - m["start"]
+    phases = phase_times(timeline.marks)
     peak = (torch.cuda.max_memory_allocated(), torch.cuda.max_memory_reserved()) if timeline.cuda else (0, 0)
     phases["_fwd_end_alloc"] = timeline.memory.get("reward_bwd", 0)
     return phases, peak, float(loss.detach())

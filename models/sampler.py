@@ -148,26 +148,13 @@ def _sample(policy, prompts, settings, generator, with_ref, track_grad, latents,
     if settings.truncation_steps > len(timesteps):
         raise ValueError(f"truncation_steps K={settings.truncation_steps} exceeds the {len(timesteps)} steps left at this strength")
     extra = step_kwargs(scheduler, settings.eta, generator)
-    first_grad = len(timesteps) - settings.truncation_steps
-    eps_all, ref_all, grad_ts = [], [], []
-    for i, t in enumerate(timesteps):
-        grad_step = track_grad and i >= first_grad
-        with torch.set_grad_enabled(grad_step):
-            x_t = scheduler.scale_model_input(latents, t)
-            if grad_step and settings.gradient_checkpointing:
-                eps = checkpoint(policy.eps, x_t, t, cond, settings.guidance, unet_extra, use_reentrant=False)
-            elif blend is not None:
-                eps = _blended_eps(policy, x_t, t, cond, settings.guidance, blend[i], unet_extra)
-            else:
-                eps = policy.eps(x_t, t, cond, settings.guidance, unet_extra)
-            if i >= first_grad:
-                eps_all.append(eps)
-                grad_ts.append(int(t))
-                if with_ref:
-                    ref_all.append(policy.eps_ref(x_t, t, cond, settings.guidance, unet_extra))
-            latents = scheduler.step(eps, t, latents, **extra, return_dict=False)[0]
-            if prepared is not None:  # 4-channel inpainting: the known image outside the mask
-                latents = inpaint_blend(prepared, scheduler, latents, timesteps, i)
+    # The steps' t as host numbers too, read once before the loop, for the scheduler: with a device tensor t,
+    # DDIM's `prev_t >= 0` is a host sync at every step (tests/test_perf.py proves the loop has none). The UNet
+    # gets the tensor t: a Python int would be a constant to torch.compile (one graph per step).
+    ts = timesteps.tolist()
+    latents, eps_all, ref_all = _denoise(policy, settings, scheduler, timesteps, ts, latents, cond, extra, track_grad,
+                                         with_ref, blend, unet_extra, prepared)
+    first_grad = len(ts) - settings.truncation_steps
     images = decode(policy, latents, generator, checkpointed=track_grad and settings.vae_checkpointing)
     if inpaint is not None and inpaint.paste_back:
         images = paste_back(images, inpaint)
@@ -176,8 +163,33 @@ def _sample(policy, prompts, settings, generator, with_ref, track_grad, latents,
         latents=latents,
         eps=torch.stack(eps_all),  # [K, B, C, h, w]
         eps_ref=torch.stack(ref_all) if with_ref else None,  # [K, B, C, h, w]
-        timesteps=grad_ts,
+        timesteps=[int(t) for t in ts[first_grad:]],
     )
+
+
+def _denoise(policy, settings, scheduler, timesteps, ts, latents, cond, extra, track_grad, with_ref, blend, unet_extra, prepared):
+    """The T steps: (x_0 latents, [eps at the K gradient steps], [eps_ref there]). Nothing in here reads a
+    tensor's value on the host (no .item(), no Python branch on a tensor): the GPU queue never drains."""
+    first_grad = len(ts) - settings.truncation_steps
+    eps_all, ref_all = [], []
+    for i, (t, t_host) in enumerate(zip(timesteps, ts)):  # 0-d tensor t (iterating reads no value), its number
+        grad_step = track_grad and i >= first_grad
+        with torch.set_grad_enabled(grad_step):
+            x_t = scheduler.scale_model_input(latents, t_host)
+            if grad_step and settings.gradient_checkpointing:
+                eps = checkpoint(policy.eps, x_t, t, cond, settings.guidance, unet_extra, use_reentrant=False)
+            elif blend is not None:
+                eps = _blended_eps(policy, x_t, t, cond, settings.guidance, blend[i], unet_extra)
+            else:
+                eps = policy.eps(x_t, t, cond, settings.guidance, unet_extra)
+            if i >= first_grad:
+                eps_all.append(eps)
+                if with_ref:
+                    ref_all.append(policy.eps_ref(x_t, t, cond, settings.guidance, unet_extra))
+            latents = scheduler.step(eps, t_host, latents, **extra, return_dict=False)[0]
+            if prepared is not None:  # 4-channel inpainting: the known image outside the mask
+                latents = inpaint_blend(prepared, scheduler, latents, timesteps, i)
+    return latents, eps_all, ref_all
 
 
 def decode(policy: Policy, latents: torch.Tensor, generator=None, checkpointed: bool = False) -> torch.Tensor:

@@ -5,7 +5,8 @@ DRaFT+ on the shipped toy-world model against the toy appeal reward
 (docs/toy-world.md), small enough for a 2-core CPU in minutes. YAML presets in configs/ override only what differs.
 Unknown keys are errors. Larger sections have their own files: rayjobs/config_model.py (model, memory),
 rayjobs/config_objective.py (sampler, objective), rayjobs/config_data.py (data),
-rayjobs/config_reward.py (reward, diversity), rayjobs/config_ray.py (ray), rayjobs/config_sweep.py (sweep). Derived sizes:
+rayjobs/config_reward.py (reward, diversity), rayjobs/config_ray.py (ray), rayjobs/config_perf.py (perf),
+rayjobs/config_sweep.py (sweep). Derived sizes:
 
     global batch (prompts per optimizer step) = train.batch_size * train.grad_accum * ray.num_workers
     images per evaluation                     = len(data.eval_prompts) * len(data.eval_seeds)
@@ -23,6 +24,7 @@ from pydantic import Field, ValidationError, model_validator
 from rayjobs.config_data import DataConfig
 from rayjobs.config_model import MemoryConfig, ModelConfig
 from rayjobs.config_objective import ObjectiveConfig, SamplerConfig
+from rayjobs.config_perf import PerfConfig
 from rayjobs.config_ray import RayConfig
 from rayjobs.config_reward import DiversityConfig, RewardConfig
 from rayjobs.config_sweep import SweepConfig
@@ -151,6 +153,7 @@ class Config(_Strict):
     optim: OptimConfig = OptimConfig()
     train: TrainConfig = TrainConfig()
     ray: RayConfig = RayConfig()
+    perf: PerfConfig = PerfConfig()  # speed switches, results unchanged (rayjobs/config_perf.py)
     sweep: SweepConfig | None = Field(None, description="only read by `draftray sweep` (see SweepConfig)")
 
     @model_validator(mode="after")

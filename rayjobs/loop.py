@@ -19,6 +19,7 @@ import torch
 import torch.distributed as dist
 
 import rewards
+from models import perf
 from models.export import export
 from models.objective import DenoiseSettings, Objective, Weights, kl_term, score_parts
 from models.policy import Policy
@@ -29,6 +30,7 @@ from rayjobs.batches import Batches, mix_seed
 from rayjobs.class_images import generate_class_images, missing_indices
 from rayjobs.config import Config
 from rayjobs.contexts import LocalContext, WorkerContext  # noqa: F401 (LocalContext: the loop's plain runner)
+from rayjobs.errors import UserError
 from rayjobs.optim import EMA, build_optimizer, build_schedule
 from rayjobs.prepare import prepare_components
 from rayjobs.runlog import STOP_REQUEST, RunLog
@@ -58,6 +60,29 @@ def sampler_settings(cfg: Config) -> SamplerSettings:
     )
 
 
+def _speed_up(cfg: Config, policy: Policy) -> None:
+    """perf.attention and perf.channels_last on the UNet (and its frozen copy) and the VAE."""
+    for unet in (policy.unet, policy._reference):
+        if unet is not None:
+            perf.set_attention(unet, cfg.perf.attention)
+    if cfg.perf.channels_last:
+        perf.channels_last(policy.unet, policy._reference, policy.components.vae)
+
+
+def _compile(cfg: Config, ctx: WorkerContext, policy: Policy) -> perf.NoGradCompiled | None:
+    """perf.compile: policy.net becomes a NoGradCompiled over the (wrapped) UNet, after the strategy wrapped it.
+    Only ddp keeps plain modules to compile; fsdp/deepspeed own their forward."""
+    p = cfg.perf
+    if p.compile == "none":
+        return None
+    if p.compile_mode == "reduce-overhead" and ctx.device.type != "cuda":
+        raise UserError(f"perf.compile_mode: reduce-overhead (CUDA graphs) needs a CUDA device; this worker runs on {ctx.device.type}")
+    if cfg.ray.strategy != "ddp":
+        raise UserError(f"perf.compile: {p.compile} runs with ray.strategy ddp only ({cfg.ray.strategy} wraps the UNet's forward itself)")
+    policy.net = perf.compile_unet(policy.unet, policy.net, p.compile, p.compile_mode, p.compile_backend)
+    return policy.net
+
+
 def eval_metric_names(cfg: Config) -> set[str]:
     """Every metric an evaluation reports (Worker.evaluate), by name: what a sweep axis or scheduler may use."""
     labels = rewards.component_labels(cfg.reward.specs())
@@ -77,6 +102,7 @@ class Worker:
         self.policy = Policy(comps, t.kind, t.lora_rank, t.lora_alpha, tuple(t.lora_targets), t.gradient_checkpointing, t.text_encoder, tokens)
         torch.manual_seed(mix_seed(cfg.train.seed, ctx.rank))  # from here on ranks draw differently
         self.policy.to(ctx.device, self.dtype)
+        _speed_up(cfg, self.policy)  # perf.attention, perf.channels_last: same results, faster kernels
         if cfg.data.cache_text_embeddings:
             model_id = f"{cfg.model.name_or_path}@{cfg.model.revision}/{cfg.model.dtype}"
             self.policy.text_cache = TextEmbeddingCache(Path(cfg.run.output_dir) / ".cache" / "text", model_id, comps.is_sdxl)
@@ -85,10 +111,12 @@ class Worker:
         # ddp / fsdp / deepspeed (ray.strategy): wraps or shards the UNet, then builds the optimizer over it
         self.strategy = sharding.build(cfg, ctx, scaler)
         self.optimizer = self.strategy.setup(self.policy, lambda policy: build_optimizer(policy, cfg.optim))
+        self.compiled = _compile(cfg, ctx, self.policy)  # perf.compile: None, or the policy's no-grad UNet calls
         self.reward = rewards.build_reward_sum(cfg.reward.specs())  # also the evaluation's, whatever the weights
         if isinstance(self.reward, torch.nn.Module):
             # Frozen reward weights in the compute dtype (bf16 on GPU): half the memory, bf16 activations.
             self.reward.to(ctx.device, self.dtype)
+        self.reward = perf.reward_in(self.reward, cfg.perf.reward_dtype)  # perf.reward_dtype: its own precision
         self.diversity = rewards.build_diversity(cfg.diversity.name, **cfg.diversity.kwargs)
         self.settings = sampler_settings(cfg)
         o = cfg.objective
@@ -187,6 +215,8 @@ class Worker:
             self._apply(out)
         else:
             self.nonfinite_prompts = _nonfinite_prompts(self.ctx.rank, micro_bad, micro_prompts)
+        if self.compiled is not None:
+            out["compile_s"] = self.compiled.stats.compile_s  # so far, this rank: first calls of each new shape
         if self.batches.skipped:
             out["data/skipped"] = float(self.batches.skipped)  # this rank's count (data.skip_bad)
         return out
@@ -255,6 +285,8 @@ class Worker:
             with self.strategy.plain_unet(self.policy) as plain:
                 if plain is not None:  # None: not rank 0 under fsdp (nothing to run here)
                     self.policy.net = comps.unet = plain
+                    if self.compiled is not None and plain is unet:  # ddp: evaluation samples through it too
+                        self.policy.net = self.compiled.with_eager(plain)
                 yield
         finally:
             self.policy.net, comps.unet = net, unet

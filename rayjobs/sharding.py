@@ -40,14 +40,17 @@ def build(cfg, ctx, scaler: torch.amp.GradScaler):
     if name == "deepspeed":
         clip = cfg.optim.grad_clip if cfg.optim.grad_clip > 0 else 0.0  # DeepSpeed: 0 = no clipping
         return DeepSpeed(ctx, scaler, cfg.ray.zero_stage, cfg.train.grad_accum, clip)
-    return DDP(ctx, scaler)
+    return DDP(ctx, scaler, cfg.ray.ddp_bucket_cap_mb, cfg.ray.ddp_gradient_as_bucket_view)
 
 
 class DDP:
     """A full copy of the trainable weights per rank; gradients all-reduced in backward (one rank: no wrapper)."""
 
-    def __init__(self, ctx, scaler: torch.amp.GradScaler):
+    def __init__(self, ctx, scaler: torch.amp.GradScaler, bucket_cap_mb: float = 25.0, gradient_as_bucket_view: bool = False):
+        """``bucket_cap_mb`` / ``gradient_as_bucket_view``: DDP's gradient buckets (ray.ddp_*): each bucket's
+        all-reduce overlaps the rest of the backward; views save one copy of the gradients."""
         self.ctx, self.scaler = ctx, scaler
+        self.bucket_cap_mb, self.gradient_as_bucket_view = bucket_cap_mb, gradient_as_bucket_view
         self.net: torch.nn.Module | None = None
         self.params: list[torch.nn.Parameter] = []
 
@@ -55,7 +58,9 @@ class DDP:
         if self.ctx.world_size > 1:
             # DDP averages gradients across ranks in backward. LoRA/full leave no unused parameters.
             ids = [self.ctx.device.index] if self.ctx.device.type == "cuda" else None
-            self.net = policy.net = torch.nn.parallel.DistributedDataParallel(policy.unet, device_ids=ids)
+            self.net = policy.net = torch.nn.parallel.DistributedDataParallel(
+                policy.unet, device_ids=ids, bucket_cap_mb=self.bucket_cap_mb, gradient_as_bucket_view=self.gradient_as_bucket_view
+            )
         self.params = policy.parameters()
         return build_optimizer(policy)
 

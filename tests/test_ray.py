@@ -178,6 +178,41 @@ def test_release_removes_a_runs_recorded_placement_groups(cluster, tmp_path):
     _wait_for_all_cpus()
 
 
+class _Holder:
+    def ready(self) -> bool:
+        return True
+
+
+def test_an_orphaned_worker_group_is_reaped_only_while_trials_starve(cluster):
+    """A placement group of this job holding a CPU with no actor in it (a Train controller's last worker group,
+    made as Tune killed it) is removed once something waits for resources and it stayed empty orphan_s; one
+    with a live actor is kept; at the sweep's end every empty one goes but those from before the sweep."""
+    import ray
+    from ray.util.placement_group import placement_group, remove_placement_group
+    from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+    from rayjobs.sweep_resources import reap_orphans
+
+    orphan, busy = placement_group([{"CPU": 1}]), placement_group([{"CPU": 1}])
+    ray.get([orphan.ready(), busy.ready()], timeout=30)
+    holder = ray.remote(num_cpus=1)(_Holder).options(scheduling_strategy=PlacementGroupSchedulingStrategy(busy)).remote()
+    ray.get(holder.ready.remote(), timeout=60)
+    seen: dict = {}
+    assert reap_orphans(seen, orphan_s=5, now=0.0) == 0 and list(seen) == [orphan.id.hex()]  # nobody waits: kept
+    waiting = placement_group([{"CPU": 1}])  # every CPU is reserved: this one starves
+    assert reap_orphans(seen, orphan_s=5, now=1.0) == 0  # empty for 1 s only
+    assert reap_orphans(seen, orphan_s=5, now=6.0) == 1
+    ray.get(waiting.ready(), timeout=30)  # the starved group got the orphan's CPU
+    assert ray.util.placement_group_table(busy)["state"] == "CREATED"
+    # The sweep's end (on_experiment_end): empty groups go at once, starved or not, except those from before it.
+    ray.kill(holder)
+    assert reap_orphans({}, orphan_s=0.0, starved_only=False, exclude=frozenset({busy.id.hex()})) == 1
+    assert ray.util.placement_group_table(waiting)["state"] == "REMOVED"
+    assert ray.util.placement_group_table(busy)["state"] == "CREATED"
+    remove_placement_group(busy)
+    _wait_for_all_cpus()
+
+
 @pytest.mark.timeout(600)
 def test_optuna_with_asha_finishes_and_releases_resources(cluster, tmp_path):
     """Optuna's multi-objective search with ASHA early stopping, two trials at once on 2 CPUs: stopped

@@ -19,17 +19,10 @@ from rayjobs.loop import LocalContext, Worker, train_loop
 from rayjobs.runlog import STOP_FILE, read_metrics
 
 sys.path.insert(0, str(Path(__file__).parent))  # for 'faults:...' rewards
+import rayrun  # noqa: E402  (the short toy run's overrides; no Ray started here)
 
 
-FAST = [
-    "sampler.steps=3",
-    "sampler.truncation_steps=2",
-    "data.eval_prompts=[a red circle]",
-    "data.eval_seeds=[0,1]",
-    "train.batch_size=1",
-    "train.eval_every=0",
-    "train.checkpoint_every=1",
-]
+FAST = [*rayrun.FAST, "train.checkpoint_every=1"]
 
 
 def _cfg(tmp_path, *extra):
