@@ -1,6 +1,6 @@
 """Where a training loop runs: the WorkerContext protocol and the plain in-process LocalContext.
 
-rayjobs.train.RayContext is the Ray Train one. A context gives the rank, world size and device,
+rayjobs.worker.RayContext is the Ray Train one. A context gives the rank, world size and device,
 ``report`` (metrics and, at checkpoints, the checkpoint directory) and the latest checkpoint.
 """
 

@@ -2,7 +2,7 @@
 
 ``train_loop(cfg, run_dir, ctx)`` runs on every rank. ``ctx`` (a WorkerContext)
 is the only thing that differs between a plain in-process run (LocalContext)
-and a Ray Train worker (rayjobs.train.RayContext): rank, world size, device,
+and a Ray Train worker (rayjobs.worker.RayContext): rank, world size, device,
 ``report`` and the latest checkpoint. The loop calls ``objective(policy,
 batch)`` and never branches on the preset.
 """

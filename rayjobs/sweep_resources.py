@@ -13,7 +13,7 @@ from rayjobs.runlog import PLACEMENT_GROUPS
 
 class ReleaseTrainResources(tune.Callback):
     """Once Tune has ended a trial (finished, stopped by the scheduler, or failed for good) and its actor is
-    gone, remove the placement groups its Train runs reserved (rayjobs/train.py: record_placement_group).
+    gone, remove the placement groups its Train runs reserved (rayjobs/worker.py: record_placement_group).
 
     A finished run removed its own already. A stopped one's lives as long as the job that made it, not
     the Train controller (ray-project/ray#54305); Train's own cleaner frees it only when the state API
