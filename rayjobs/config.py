@@ -179,6 +179,8 @@ class Config(_Strict):
             raise ValueError("data.eval_images: validation edits need an InstructPix2Pix UNet (trainable.unet_in_channels: 8)")
         if self.data.cache_text_embeddings and (self.trainable.text_encoder != "none" or self.trainable.tokens):
             raise ValueError("data.cache_text_embeddings: the text encoder trains (trainable.text_encoder or tokens); its states cannot be cached")
+        if self.perf.compile_mode == "reduce-overhead" and not self.ray.use_gpu:
+            raise ValueError("perf.compile_mode: reduce-overhead (CUDA graphs) needs CUDA workers (ray.use_gpu: true)")
         self._strategy_fits()
         return self
 
@@ -187,6 +189,8 @@ class Config(_Strict):
         r, t = self.ray, self.trainable
         if r.strategy == "ddp":
             return
+        if self.perf.compile != "none":  # also checked in the worker (rayjobs/loop.py: _compile); here: up front
+            raise ValueError(f"perf.compile: {self.perf.compile} runs with ray.strategy ddp only ({r.strategy} wraps the UNet's forward itself)")
         if t.kind != "full":
             raise ValueError(f"ray.strategy: {r.strategy} shards full fine-tuning (trainable.kind: full); LoRA's few weights train with ddp")
         if t.text_encoder != "none" or t.tokens:

@@ -193,9 +193,19 @@ def test_inductor_compiled_sampling_gives_the_same_images(tiny):
 
 
 def test_reduce_overhead_on_cpu_is_one_line(tmp_path):
-    cfg = load_config(None, ["perf.compile=sampling", "perf.compile_mode=reduce-overhead"])
+    cfg = load_config(None, ["perf.compile=sampling", "perf.compile_mode=reduce-overhead", "ray.use_gpu=true"])  # a CPU worker anyway
     with pytest.raises(UserError, match=r"^perf\.compile_mode: reduce-overhead \(CUDA graphs\) needs a CUDA device; this worker runs on cpu$"):
         _compile(cfg, LocalContext(tmp_path), policy=None)
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["perf.compile=sampling", "perf.compile_mode=reduce-overhead"], r"^config perf\.compile_mode: reduce-overhead \(CUDA graphs\) needs CUDA workers"),
+    (["perf.compile=sampling", "ray.strategy=fsdp", "trainable.kind=full"], r"^config perf\.compile: sampling runs with ray.strategy ddp only"),
+])
+def test_compile_contradictions_fail_in_the_config(overrides, message):
+    """Before any worker starts (exit 2 from the CLI), not inside a Ray worker."""
+    with pytest.raises(UserError, match=message):
+        load_config(None, overrides)
 
 
 def test_compile_mode_without_compile_is_one_line():
