@@ -7,7 +7,7 @@ diffusers' default attention, no compile, no CUDA graphs, no checkpointing. One 
 
     x_T ~ N(0, I);  for t = T..1:  eps = eps_u + w (eps_c - eps_u);  x_{t-1} = DDIM(x_t, eps)
     (no grad for the first T-K steps; the last K with grad, and the reference's eps_ref on the same x_t)
-    loss = mean_b( -R(decode(x_0), prompt) + beta * mean_K mean((eps - eps_ref)^2) )
+    loss = mean_b( -R(decode(x_0), prompt) + kl_coeff * mean_K mean((eps - eps_ref)^2) )
 
 tests/test_bench.py checks that on the tiny model it gives our loss on the same seed.
 """
@@ -28,7 +28,7 @@ class Settings:
     steps: int = 50  # T
     guidance: float = 7.5  # w
     truncation_steps: int = 1  # K
-    kl_coeff: float = 0.1  # beta
+    kl_coeff: float = 0.1
     size: int = 512  # pixels per side
 
 

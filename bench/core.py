@@ -35,7 +35,7 @@ from models.objective import Objective, Weights  # noqa: E402
 from models.policy import Policy  # noqa: E402
 from models.sampler import SamplerSettings, sample  # noqa: E402
 from rayjobs.config import Config, load_config  # noqa: E402
-from rayjobs.config_data import EVAL_PROMPTS  # noqa: E402
+from rayjobs.config.data import EVAL_PROMPTS  # noqa: E402
 from rewards.simple import Colorfulness  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -104,7 +104,7 @@ def step_times(run_dir: Path) -> list[float]:
 
 
 def run_plain(cfg: Config) -> tuple[list[float], float, dict]:
-    from rayjobs.loop import LocalContext, train_loop
+    from rayjobs.training.loop import LocalContext, train_loop
 
     run_dir = Path(cfg.run.output_dir) / cfg.run.name
     t0 = time.perf_counter()
@@ -115,7 +115,7 @@ def run_plain(cfg: Config) -> tuple[list[float], float, dict]:
 
 def run_ray(cfg: Config) -> tuple[list[float], float, dict]:
     """fit() starts a local Ray, runs the TorchTrainer and shuts Ray down: wall includes all of it."""
-    from rayjobs.train import fit
+    from rayjobs.cluster.driver import fit
 
     # Ray workers inherit the driver's environment: let them import bench.core (ThreadProbe).
     os.environ["PYTHONPATH"] = pythonpath_with_root()
@@ -257,7 +257,7 @@ def mem_child(variant: str, steps: int, threads: int) -> None:
     if frozen_copy is not None:
         policy._reference = frozen_copy  # the naive reference: a second UNet in memory
     settings = SamplerSettings(steps=3, guidance=3.0, truncation_steps=1, height=32, width=32)
-    objective = Objective(Weights(reward=1.0, kl=0.1), settings, Colorfulness())
+    objective = Objective(Weights(reward=1.0, kl_coeff=0.1), settings, Colorfulness())
     opt = torch.optim.AdamW(policy.parameters(), lr=1e-3)
     for step in range(steps):
         opt.zero_grad(set_to_none=True)

@@ -1,7 +1,7 @@
 """`python -m bench gpu`: DRaFT+ LoRA steps on the SD 1.5 and SDXL architectures, ours beside a baseline.
 
     gpu     SD 1.5 (512 px, DDIM T = 50, CFG 7.5) and SDXL (1024 px, Euler T = 40, CFG 5) built from their configs
-            in code with RANDOM weights (nothing downloaded), UNet LoRA rank 32, K = 1, beta 0.1, PickScore's
+            in code with RANDOM weights (nothing downloaded), UNet LoRA rank 32, K = 1, kl_coeff 0.1, PickScore's
             architecture as the reward, bf16; batch 1, 2 and 4 per GPU. Without CUDA: one line, exit 0.
     --tiny  the identical harness on the CPU: the tiny SD / SDXL models, 32 px, T = 4; the same switches
             (compile with aot_eager by default: inductor compiles for minutes on 2 cores), float32 by
@@ -40,7 +40,7 @@ from models.objective import Objective, Weights
 from models.policy import Policy
 from models.sampler import SamplerSettings
 
-RANK, BETA = 32, 0.1
+RANK, KL_COEFF = 32, 0.1
 ARCHS = {"sd15": dict(size=512, steps=50, guidance=7.5), "sdxl": dict(size=1024, steps=40, guidance=5.0)}
 # runwayml/stable-diffusion-v1-5 unet/config.json and vae/config.json (the fields that shape the networks)
 SD15_UNET = dict(
@@ -100,7 +100,7 @@ def ours(arch: str, args, reward, device) -> Side:
         perf.channels_last(policy.unet, policy.components.vae)
     settings = SamplerSettings(steps=a["steps"], guidance=a["guidance"], truncation_steps=1, height=a["size"], width=a["size"],
                                gradient_checkpointing=ckpt, vae_checkpointing=ckpt)  # fmt: skip
-    objective = Objective(Weights(reward=1.0, kl=BETA), settings, perf.reward_in(reward, args.reward_dtype), reward_checkpointing=ckpt)
+    objective = Objective(Weights(reward=1.0, kl_coeff=KL_COEFF), settings, perf.reward_in(reward, args.reward_dtype), reward_checkpointing=ckpt)
     stats = None
     if args.compile != "none":
         policy.net = perf.compile_unet(policy.unet, scope=args.compile, mode=args.compile_mode, backend=args.compile_backend)
@@ -128,7 +128,7 @@ def baseline(arch: str, args, reward, device) -> Side:
     base = BaselineDraftPlus(c.unet.to(device), c.vae.to(device), c.text_encoder.to(device), c.tokenizer, c.scheduler, reward,
                              rank=RANK, targets=sdxl.LORA_TARGETS, dtype=args.dtype)  # fmt: skip
     a = args.shape[arch]
-    s = Settings(steps=a["steps"], guidance=a["guidance"], truncation_steps=1, kl_coeff=BETA, size=a["size"])
+    s = Settings(steps=a["steps"], guidance=a["guidance"], truncation_steps=1, kl_coeff=KL_COEFF, size=a["size"])
 
     def loss(prompts, generator):
         with base.autocast():
@@ -283,7 +283,7 @@ def main(argv=None) -> int:
     print(f"command: python -m bench gpu {' '.join(argv if argv is not None else sys.argv[1:])}")
     print(f"ours: attention {args.attention}, channels_last {args.channels_last}, compile {args.compile} ({args.compile_mode}, "
           f"{args.compile_backend}), reward {args.reward_dtype}, checkpointing {'on' if args.checkpointing else 'off (SDXL: on)'}; "
-          f"both: {str(args.dtype).removeprefix('torch.')} autocast, LoRA rank {RANK}, K=1, beta {BETA}; targets: {TARGETS}", flush=True)
+          f"both: {str(args.dtype).removeprefix('torch.')} autocast, LoRA rank {RANK}, K=1, kl_coeff {KL_COEFF}; targets: {TARGETS}", flush=True)
     out = []
     with tempfile.TemporaryDirectory(prefix="draftray-bench-gpu-") as tmp:
         setup = sdxl.Setup(args.tiny, device, args.dtype, 32, 4, args.reward)

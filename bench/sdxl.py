@@ -1,4 +1,4 @@
-"""SDXL DRaFT+ LoRA step at 1024 px: time split and peak GPU memory (issue 8; bench/README.md, "SDXL").
+"""SDXL DRaFT+ LoRA step at 1024 px: time split and peak GPU memory (bench/README.md, "SDXL").
 
     gpu     the real SDXL-base architecture (UNet 2.6 B, VAE, CLIP ViT-L + OpenCLIP bigG text encoders)
             built from its config in code with RANDOM weights, LoRA rank 32 on attention, bf16 frozen
@@ -42,7 +42,7 @@ from models.tokenizer import build_clip_tokenizer, clip_tokenizer_dir  # noqa: E
 PROMPT = "a photo of an astronaut riding a horse on the moon, highly detailed"
 LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
 GB = 1e9  # the targets are decimal GB of a card, compared with what the allocator reserved (stricter than GiB)
-TARGETS_GB = (80, 60)  # issue 8: fits an 80 GB card at batch 1 with checkpointing; issue 11: 60 GB
+TARGETS_GB = (80, 60)  # fits an 80 GB card at batch 1 with checkpointing (SDXL target); 60 GB (performance target)
 
 # stabilityai/stable-diffusion-xl-base-1.0 unet/config.json (the fields that shape the network)
 SDXL_UNET = dict(
@@ -147,8 +147,9 @@ def lora_count(unet: torch.nn.Module, rank: int) -> int:
 def param_report(rank: int = 32) -> list[tuple[str, int]]:
     """Parameter counts of the real SDXL-base networks and the PickScore CLIP, built on the meta device
     (no memory, no init): what the GPU entry's bf16 weights hold, at 2 bytes each."""
-    from rewards.builders import hf_clip_config
     from transformers import CLIPModel
+
+    from rewards.builders import hf_clip_config
 
     with torch.device("meta"):
         mods = sdxl_modules()
@@ -264,7 +265,7 @@ def run_variant(policy, reward, setup: Setup, checkpointing: bool, warmup: int, 
         steps=setup.steps, guidance=5.0, truncation_steps=1, height=setup.size, width=setup.size,
         gradient_checkpointing=checkpointing, vae_checkpointing=checkpointing,
     )  # fmt: skip
-    objective = Objective(Weights(reward=1.0, kl=0.1), settings, reward, reward_checkpointing=checkpointing)
+    objective = Objective(Weights(reward=1.0, kl_coeff=0.1), settings, reward, reward_checkpointing=checkpointing)
     policy.load_trainable_state_dict(lora0)
     optimizer = torch.optim.AdamW(policy.parameters(), lr=1e-4)
     label = f"checkpointing {'on' if checkpointing else 'off'}"

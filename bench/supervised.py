@@ -17,12 +17,12 @@ import tempfile
 import time
 from pathlib import Path
 
-import _draftray_compat  # noqa: F401  (first: the torchvision guard)
 import torch
 
+import _draftray_compat  # noqa: F401  (first: the torchvision guard)
 from rayjobs.config import load_config
-from rayjobs.loop import LocalContext, Worker
-from rayjobs.toy_data import write_dataset
+from rayjobs.tools.toy_data import write_dataset
+from rayjobs.training.loop import LocalContext, Worker
 
 
 def _worker(root: Path, kind: str) -> Worker:

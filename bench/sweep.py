@@ -1,4 +1,4 @@
-"""Sweep throughput on the local cluster (bench/README.md, "Sweeps"; issue 5).
+"""Sweep throughput on the local cluster (bench/README.md, "Sweeps").
 
 Side by side in one run, on one local cluster started once:
     single   one trial's config trained alone with `run_trainer` (Train worker start, training, evaluations, teardown)
@@ -46,9 +46,9 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=4)
     args = ap.parse_args()
 
+    from rayjobs.cluster.driver import prepare_run_dir, run_trainer, start_local_ray
     from rayjobs.config import load_config
-    from rayjobs.sweep import run_sweep, trial_config
-    from rayjobs.train import prepare_run_dir, run_trainer, start_local_ray
+    from rayjobs.tune.sweep import run_sweep, trial_config
 
     os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.2")
     start_local_ray(num_cpus=args.concurrency)

@@ -1,4 +1,4 @@
-"""Sweep load test: many tiny trials on the local cluster (issue 9, "Load"; bench/README.md, "Sweep load").
+"""Sweep load test: many tiny trials on the local cluster (bench/README.md, "Sweep load").
 
 One sweep of N trials (default 50) with the basic search drawing optim.lr log-uniformly over 1e-4 .. 1e4 and ASHA
 stopping weak trials, C at a time: small learning rates finish, some are stopped by the scheduler, and the largest
@@ -110,11 +110,11 @@ def main() -> None:
 
     import ray
 
+    from rayjobs.cluster.driver import start_local_ray
     from rayjobs.config import load_config
     from rayjobs.errors import TrainingStopped
-    from rayjobs.pareto import read_csv
-    from rayjobs.sweep import run_sweep
-    from rayjobs.train import start_local_ray
+    from rayjobs.tune.pareto import read_csv
+    from rayjobs.tune.sweep import run_sweep
 
     os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.2")
     start_local_ray(num_cpus=args.concurrency)

@@ -28,7 +28,7 @@ TINY_INPAINT = "tiny-inpaint"  # build_tiny(unet_in_channels=9): an inpainting U
 BUILT_IN = (TINY, TINY_SDXL, TINY_INPAINT)  # built in code from a seed: nothing to load
 TINY_SEED = 0  # the random tiny model's weights are a pure function of this seed
 TOY = "toy"
-# The toy world's pretrained model, shipped with the package (issue 3; model card in its README.md).
+# The toy world's pretrained model, shipped with the package (model card in its README.md; docs/toy-world.md).
 TOY_DIR = Path(__file__).parent / "weights" / "toy"
 
 # SD 1.x noise schedule (scheduler_config.json of runwayml/stable-diffusion-v1-5).
@@ -193,100 +193,6 @@ def frozen(comps: Components) -> Components:
         module.requires_grad_(False)
         module.eval()
     return comps
-
-
-def load_components(name_or_path: str, revision: str | None = None, vae: str | None = None) -> Components:
-    """Load components by name: ``tiny``, ``tiny-sdxl``, ``tiny-inpaint``, ``toy``, a local diffusers directory, or a hub id.
-
-    A directory or id with ``text_encoder_2/`` is SDXL (models/sdxl.py). ``vae``: another VAE in
-    diffusers layout (a directory with config.json, or a hub id), e.g. the fp16-fix SDXL VAE.
-    Hub ids resolve only from the local Hugging Face cache unless the user has
-    network access and HF_HUB_OFFLINE is unset; a miss raises ModelNotFoundError.
-    """
-    from models import sdxl
-
-    if name_or_path in BUILT_IN:
-        builders = {TINY: build_tiny, TINY_SDXL: sdxl.build_tiny_sdxl, TINY_INPAINT: lambda: build_tiny(unet_in_channels=9)}
-        comps = builders[name_or_path]()
-    else:
-        check_model_source(name_or_path)
-        if name_or_path == TOY:
-            name_or_path = str(TOY_DIR)
-        comps = _from_pretrained(name_or_path, revision, sdxl.is_sdxl_source(name_or_path, revision))
-    if vae is not None:
-        comps.vae = _pretrained(AutoencoderKL, vae, None, None).requires_grad_(False).eval()
-    return comps
-
-
-def _pretrained(cls, name_or_path: str, subfolder: str | None, revision: str | None):
-    try:
-        return cls.from_pretrained(name_or_path, subfolder=subfolder, revision=revision)
-    except (OSError, ValueError) as err:
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise ModelNotFoundError(f"model {name_or_path!r} could not be loaded: {first}") from err
-
-
-def _from_pretrained(name_or_path: str, revision: str | None, is_sdxl: bool) -> Components:
-    """SD 1.x loads its scheduler as DDIM (the training sampler's default); SDXL keeps its own
-    (EulerDiscreteScheduler in the released model), as the anchor's SDXL DRaFT+ samples with Euler."""
-    from models import sdxl
-
-    load = lambda cls, sub: _pretrained(cls, name_or_path, sub, revision)  # noqa: E731
-    parts = dict(
-        unet=load(UNet2DConditionModel, "unet"),
-        vae=load(AutoencoderKL, "vae"),
-        text_encoder=load(CLIPTextModel, "text_encoder"),
-        tokenizer=load(CLIPTokenizer, "tokenizer"),
-    )
-    if is_sdxl:
-        parts.update(
-            text_encoder_2=load(CLIPTextModelWithProjection, "text_encoder_2"),
-            tokenizer_2=load(CLIPTokenizer, "tokenizer_2"),
-            scheduler=sdxl.load_scheduler(name_or_path, revision),
-            force_zeros_for_empty_prompt=sdxl.force_zeros(name_or_path, revision),
-        )
-    else:
-        parts["scheduler"] = load(DDIMScheduler, "scheduler")
-    return frozen(Components(**parts))
-
-
-def check_model_source(name_or_path: str) -> None:
-    """Cheap check that a model name resolves offline: 'tiny', 'tiny-sdxl', 'toy', or a diffusers-layout directory.
-
-    Hub ids (one '/', no such local path) are left to from_pretrained.
-    """
-    if name_or_path in BUILT_IN:
-        return
-    if name_or_path == TOY:
-        if not (TOY_DIR / "model_index.json").is_file():
-            raise ModelNotFoundError(f"the shipped toy model is missing from {TOY_DIR}; rebuild it with `draftray toy pretrain --out {TOY_DIR}`")
-        return
-    path = Path(name_or_path).expanduser()
-    looks_local = path.is_absolute() or name_or_path.startswith(".") or path.exists()
-    if looks_local or name_or_path.count("/") != 1:
-        subs = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
-        if (path / "text_encoder_2").is_dir() or (path / "tokenizer_2").is_dir():  # SDXL needs both
-            subs += ("text_encoder_2", "tokenizer_2")
-        missing = [sub for sub in subs if not (path / sub).is_dir()]
-        if not path.is_dir():
-            raise ModelNotFoundError(
-                f"model path {name_or_path!r} does not exist: give a diffusers-layout directory, a hub id, 'tiny' or 'tiny-sdxl'"
-            )
-        if missing:
-            raise ModelNotFoundError(f"model path {name_or_path!r} lacks {', '.join(missing)}/ (diffusers layout expected)")
-
-
-def unet_in_channels(name_or_path: str, revision: str | None = None) -> int | None:
-    """The UNet's input channels from its config alone (no weights): 4 (text-to-image), 8 (InstructPix2Pix) or
-    9 (inpainting); None when the config cannot be read here (a hub id not in the cache)."""
-    built_in = {TINY: 4, TINY_SDXL: 4, TINY_INPAINT: 9}
-    if name_or_path in built_in:
-        return built_in[name_or_path]
-    try:
-        source = str(TOY_DIR) if name_or_path == TOY else name_or_path
-        return int(UNet2DConditionModel.load_config(source, subfolder="unet", revision=revision)["in_channels"])
-    except (OSError, ValueError, KeyError):
-        return None
 
 
 def save_components(comps: Components, directory: str | os.PathLike) -> None:

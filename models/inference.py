@@ -1,9 +1,9 @@
-"""Inference-time knobs that trade reward for faithfulness without more training (issue 5).
+"""Inference-time knobs that trade reward for faithfulness without more training.
 
 LoRA scale s (DRaFT, Clark et al. 2023, "LoRA scaling"): the adapters' contribution times s,
 0 < s <= 1 interpolates between the base model (s = 0) and the tuned one (s = 1).
 
-Annealed importance guidance (AIG, NeMo-Aligner's DRaFT+ inference; REFERENCES.md): at denoising
+Annealed importance guidance (AIG, NeMo-Aligner's DRaFT+ inference; docs/references.md): at denoising
 step i of T (i = 0 the noisiest) the sampler uses
 
     eps_i = (1 - w_i) * eps_base + w_i * eps_tuned

@@ -1,4 +1,4 @@
-"""The one objective: a weighted sum of per-sample terms (DESIGN.md, "The math, once").
+"""The one objective: a weighted sum of per-sample terms (docs/design.md, "The math, once").
 
     loss = - reward_weight * R(x_0, c) + kl_coeff * KL + denoise_weight * D + prior_weight * P
 
@@ -85,17 +85,17 @@ def snr(alphas_cumprod: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
 
 @dataclass
 class Weights:
-    """Term weights; a preset is a choice of these (DESIGN.md table)."""
+    """Term weights; a preset is a choice of these (docs/design.md table)."""
 
     reward: float = 1.0
-    kl: float = 0.0  # kl_coeff (beta); 0 is plain DRaFT
+    kl_coeff: float = 0.0  # weight of the KL term; 0 is plain DRaFT
     denoise: float = 0.0
     prior: float = 0.0  # DreamBooth prior preservation (lambda)
 
 
 @dataclass(frozen=True)
 class DenoiseSettings:
-    """How the supervised terms draw t and noise and what they regress (DESIGN.md, supervised terms)."""
+    """How the supervised terms draw t and noise and what they regress (docs/design.md, supervised terms)."""
 
     min_snr_gamma: float | None = None  # min-SNR-gamma weight (Hang et al. 2023); None = plain MSE
     noise_offset: float = 0.0  # eps += offset * N(0, 1) per (sample, channel) (Guttenberg's noise offset)
@@ -110,7 +110,7 @@ class Objective:
     batch keys: ``prompts`` (list[str]) and ``generator`` for the reward terms; ``latents`` [B,C,h,w]
     (VAE-scaled), ``captions`` and optionally ``cond_latents`` [B,C,h,w] (an InstructPix2Pix input
     image, unscaled) for denoise; ``class_latents`` and ``class_prompts`` for prior. Inpainting
-    (rayjobs/batches.py): ``mask`` / ``masked_latents`` (and ``class_*`` ones) for the denoise terms,
+    (rayjobs/data/batches.py): ``mask`` / ``masked_latents`` (and ``class_*`` ones) for the denoise terms,
     ``inpaint_pixels`` / ``inpaint_mask`` for the reward terms. Metrics are detached scalars (no host sync).
     """
 
@@ -124,9 +124,9 @@ class Objective:
     ):
         """``reward_checkpointing``: keep no activations of the reward model for backward, recompute
         them there (a ViT-H reward on a batch of 224 px crops holds GBs; one more reward forward)."""
-        if not (weights.reward or weights.kl or weights.denoise or weights.prior):
+        if not (weights.reward or weights.kl_coeff or weights.denoise or weights.prior):
             raise ValueError("at least one term weight must be non-zero")
-        if (weights.reward or weights.kl) and reward is None:
+        if (weights.reward or weights.kl_coeff) and reward is None:
             raise ValueError("reward and kl terms need a reward function")
         self.w = weights
         self.sampler = sampler
@@ -136,7 +136,7 @@ class Objective:
 
     def __call__(self, policy: Policy, batch: dict) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         total, metrics = 0.0, {}
-        if self.w.reward or self.w.kl:
+        if self.w.reward or self.w.kl_coeff:
             total, metrics = self._sampled_terms(policy, batch)
         if self.w.denoise:
             d = denoise_loss(policy, batch["latents"], batch["captions"], batch["generator"], self.denoise, batch.get("cond_latents"),
@@ -157,7 +157,7 @@ class Objective:
         if "inpaint_pixels" in batch:  # DRaFT+ on masks: repaint the hole; the reward sees the composite
             s = self.sampler
             inpaint = InpaintInputs(batch["inpaint_pixels"], batch["inpaint_mask"], s.inpaint_strength, s.paste_back)
-        out = sample(policy, batch["prompts"], self.sampler, batch["generator"], with_ref=self.w.kl > 0, inpaint=inpaint)
+        out = sample(policy, batch["prompts"], self.sampler, batch["generator"], with_ref=self.w.kl_coeff > 0, inpaint=inpaint)
         if self.reward_checkpointing and torch.is_grad_enabled():
             rewards, parts = checkpoint(score_parts, self.reward, out.images, batch["prompts"], use_reentrant=False)
         else:
@@ -165,9 +165,9 @@ class Objective:
         total = self.w.reward * reward_term(rewards)
         metrics = {"reward": rewards.detach().mean(), "reward_std": rewards.detach().std(unbiased=False)}
         metrics.update({f"reward/{name}": r.detach().mean() for name, r in parts.items()})
-        if self.w.kl:
+        if self.w.kl_coeff:
             kl = kl_term(out.eps, out.eps_ref)  # [B]
-            total = total + self.w.kl * kl
+            total = total + self.w.kl_coeff * kl
             metrics["kl"] = kl.detach().mean()
         return total, metrics
 

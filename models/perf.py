@@ -1,6 +1,6 @@
 """Speed switches applied to modules (docs/performance.md): attention processor, channels_last,
 torch.compile of the no-grad UNet calls, the reward's precision. Pure functions on modules: no global
-config, no device named; rayjobs/loop.py calls them from the `perf:` section.
+config, no device named; rayjobs/training/loop.py calls them from the `perf:` section.
 
 None of them changes what is computed, only how (tests/test_perf.py compares each with it off).
 """

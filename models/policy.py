@@ -1,6 +1,6 @@
 """The policy: trainable UNet (LoRA through peft, or full), its frozen reference, and CFG.
 
-The reference for the KL term (DESIGN.md "Frozen reference") is the same UNet
+The reference for the KL term (docs/design.md "Frozen reference") is the same UNet
 with its LoRA adapters disabled (no second copy in memory) or, for full
 fine-tuning, a frozen copy. ``Policy.net`` is what the training forward calls;
 the Ray layer may replace it with a DistributedDataParallel wrapper of
@@ -44,7 +44,7 @@ class Policy:
         (models/textual_inversion.add_placeholder) -> their vector counts; their rows train."""
         self.components = components
         self.tokens = dict(tokens or {})
-        # (prompts, encode, device) -> Conditioning [B]; used only while no text weight trains (rayjobs/text_cache.py)
+        # (prompts, encode, device) -> Conditioning [B]; used only while no text weight trains (rayjobs/data/text_cache.py)
         self.text_cache: Callable[[list[str], Callable, torch.device], Conditioning] | None = None
         self.text_trainable = self._text_trainable(text_encoder, lora_rank, lora_alpha)
         self.trainable = trainable

@@ -32,7 +32,7 @@ from models.schedulers import SCHEDULERS, scheduler_for, step_kwargs
 
 @dataclass(frozen=True)
 class SamplerSettings:
-    """How images are drawn (DESIGN.md, "The math, once")."""
+    """How images are drawn (docs/design.md, "The math, once")."""
 
     steps: int = 50  # T, denoising steps
     guidance: float = 7.5  # classifier-free guidance scale w (<= 1 disables CFG)

@@ -14,14 +14,11 @@ full CLIP BPE vocabulary, the second with a projection. Seeded, random, no downl
 
 from __future__ import annotations
 
-import json
-from pathlib import Path
-
 import torch
 from diffusers import AutoencoderKL, EulerDiscreteScheduler, UNet2DConditionModel
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
-from models.components import Components, ModelNotFoundError, frozen
+from models.components import Components, frozen
 from models.tokenizer import build_clip_tokenizer
 
 TINY_SDXL_SEED = 0  # the tiny SDXL model's weights are a pure function of this seed
@@ -114,52 +111,6 @@ def build_tiny_sdxl(seed: int = TINY_SDXL_SEED, image_size: int = 32) -> Compone
             force_zeros_for_empty_prompt=True,
         )
     )
-
-
-def _model_index(name_or_path: str, revision: str | None) -> dict | None:
-    """model_index.json of a local directory or of a hub id ("org/name", from the cache, or fetched where the
-    user allows the network, as from_pretrained would), or None when there is none."""
-    path = Path(name_or_path).expanduser()
-    if (path / "model_index.json").is_file():
-        return json.loads((path / "model_index.json").read_text(encoding="utf-8"))
-    if path.exists() or path.is_absolute() or name_or_path.startswith(".") or name_or_path.count("/") != 1:
-        return None  # local, or no hub id: nothing to ask the hub
-    try:
-        from huggingface_hub import hf_hub_download
-
-        return json.loads(Path(hf_hub_download(name_or_path, "model_index.json", revision=revision)).read_text(encoding="utf-8"))
-    except Exception:  # noqa: BLE001 - not resolvable offline: from_pretrained reports it
-        return None
-
-
-def is_sdxl_source(name_or_path: str, revision: str | None = None) -> bool:
-    """True for the tiny SDXL and for a diffusers layout with a second text encoder."""
-    from models.components import BUILT_IN, TINY_SDXL, TOY
-
-    if name_or_path in BUILT_IN or name_or_path == TOY:  # built in code, or shipped
-        return name_or_path == TINY_SDXL
-    if (Path(name_or_path).expanduser() / "text_encoder_2").is_dir():
-        return True
-    index = _model_index(name_or_path, revision)
-    return bool(index and index.get("text_encoder_2") and index["text_encoder_2"][0] is not None)
-
-
-def force_zeros(name_or_path: str, revision: str | None) -> bool:
-    """SDXL's ``force_zeros_for_empty_prompt`` from model_index.json (diffusers' default: True)."""
-    index = _model_index(name_or_path, revision) or {}
-    return bool(index.get("force_zeros_for_empty_prompt", True))
-
-
-def load_scheduler(name_or_path: str, revision: str | None):
-    """The scheduler the SDXL folder names (Euler for the released base), built from its config."""
-    from models.schedulers import SCHEDULERS
-
-    try:
-        config = EulerDiscreteScheduler.load_config(name_or_path, subfolder="scheduler", revision=revision)
-    except (OSError, ValueError) as err:
-        raise ModelNotFoundError(f"model {name_or_path!r}: scheduler/ could not be loaded: {err}") from err
-    by_class = {cls.__name__: cls for cls in SCHEDULERS.values()}
-    return by_class.get(config.get("_class_name"), EulerDiscreteScheduler).from_config(config)
 
 
 REFINER_TIME_IDS = 5  # original (h, w), crop (top, left), aesthetic score: the refiner's add_time_ids

@@ -1,6 +1,10 @@
-"""Config schema, training loop, Ray Train/Tune/Jobs glue and the `draftray` CLI.
+"""The application around models/ and rewards/: config, data, one rank's training, and the Ray wings.
 
-The only package that imports ray (DESIGN.md, dependency direction).
+Only rayjobs.cluster and rayjobs.tune import ray (docs/design.md, "Dependency direction"); the layout,
+one line per room, is in docs/design.md too.
 """
 
 import _draftray_compat  # noqa: F401  (must run before torchvision/diffusers import)
+from rayjobs import compat
+
+compat.install()

@@ -11,9 +11,13 @@ import logging
 import os
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from rayjobs import submit
+from rayjobs.cluster import submit
 from rayjobs.errors import TrainingStopped, UserError
+
+if TYPE_CHECKING:  # the annotation only: importing rayjobs.tools.sample loads torch and diffusers
+    from rayjobs.tools.sample import SampleRequest
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -48,7 +52,7 @@ def _parser() -> argparse.ArgumentParser:
     a.add_argument("sweep_dir", help="a sweep directory (holds trials.csv and sweep.yaml)")
 
     _toy_parser(sub)
-    submit.add_parsers(sub)
+    _submit_parsers(sub)
 
     s = sub.add_parser("sample", help="generate (or, with --image, edit; with --image --mask, inpaint) images with diffusers' pipelines (+ a trained LoRA / embeddings)")
     s.add_argument("--model", required=True, help="'tiny', 'tiny-sdxl', 'tiny-inpaint', 'toy', a diffusers-layout directory (SD 1.x or SDXL), or a hub id")
@@ -83,6 +87,27 @@ def _parser() -> argparse.ArgumentParser:
     _score_parser(sub)
     _weights_parser(sub)
     return p
+
+
+def _submit_parsers(sub) -> None:
+    address = f"the cluster's dashboard (default: $RAY_ADDRESS if http, else {submit.DEFAULT_ADDRESS})"
+    s = sub.add_parser("submit", help="submit a training run or a sweep to a Ray cluster as a Ray Job")
+    s.add_argument("config", help="YAML config inside the working directory (it is uploaded with it)")
+    s.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides, passed on to the job")
+    s.add_argument("--sweep", action="store_true", help="run `draftray sweep` (the config needs a sweep: section)")
+    s.add_argument("--address", help=address)
+    s.add_argument("--working-dir", default=".", help="directory uploaded as the job's working directory (default: .)")
+    s.add_argument("--follow", action="store_true", help="stream the job's logs until it ends; exit 0 only if it succeeded")
+    j = sub.add_parser("jobs", help="list, inspect, follow or stop submitted jobs")
+    js = j.add_subparsers(dest="jobs_command", required=True)
+    for name, text in (("list", "every job: id, status, start time, entrypoint"), ("status", "one job's status"),
+                       ("logs", "one job's logs"), ("stop", "stop one job (its checkpoints stay; resubmit to resume)")):  # fmt: skip
+        p = js.add_parser(name, help=text)
+        if name != "list":
+            p.add_argument("id", help="submission id (= the run name, or NAME.retry<k>)")
+        if name == "logs":
+            p.add_argument("--follow", action="store_true", help="stream until the job ends")
+        p.add_argument("--address", help=address)
 
 
 def _score_parser(sub) -> None:
@@ -120,8 +145,8 @@ def _train(args) -> int:
         config = None
     if args.address:
         overrides.append(f"ray.address={args.address}")
+    from rayjobs.cluster.driver import fit
     from rayjobs.config import load_config
-    from rayjobs.train import fit
 
     cfg = load_config(config, overrides)
     run_dir = fit(cfg, verbose=args.verbose)
@@ -130,7 +155,7 @@ def _train(args) -> int:
 
 
 def _toy_parser(sub) -> None:
-    y = sub.add_parser("toy", help="the toy world (issue 3): pretrain its diffusion model and reward, check accuracy")
+    y = sub.add_parser("toy", help="the toy world (a small synthetic domain for CPU runs): pretrain its diffusion model and reward, check accuracy")
     ys = y.add_subparsers(dest="toy_command", required=True)
     p = ys.add_parser("pretrain", help="train the toy diffusion model from scratch (about 35 min on 2 CPU cores)")
     p.add_argument("--out", required=True, help="output directory (diffusers layout); the shipped copy is models/weights/toy")
@@ -157,7 +182,7 @@ def _toy_parser(sub) -> None:
 def _sweep(args) -> int:
     overrides = list(args.overrides) + ([f"ray.address={args.address}"] if args.address else [])
     from rayjobs.config import load_config
-    from rayjobs.sweep import TUNE, resume_sweep, run_sweep, sweep_dir_for
+    from rayjobs.tune.sweep import TUNE, resume_sweep, run_sweep, sweep_dir_for
 
     if args.resume:
         if args.config or overrides:
@@ -175,7 +200,7 @@ def _sweep(args) -> int:
 
 
 def _pareto(args) -> int:
-    from rayjobs.pareto import rebuild
+    from rayjobs.tune.pareto import rebuild
 
     print(rebuild(args.sweep_dir))
     return 0
@@ -189,26 +214,25 @@ def _toy(args) -> int:
     if out and Path(out).exists() and (Path(out).is_file() or any(Path(out).iterdir())):
         raise UserError(f"--out {out}: already exists; give a new path (the shipped weights are never overwritten in place)")
     if args.toy_command == "pretrain":
-        from rayjobs.toy import PretrainSettings, pretrain
+        from rayjobs.tools.toy import PretrainSettings, pretrain
 
         s = PretrainSettings(seed=args.seed)
         s = replace(s, vae_steps=args.vae_steps or s.vae_steps, unet_steps=args.unet_steps or s.unet_steps)
         print(pretrain(args.out, s))
     elif args.toy_command == "dataset":
-        from rayjobs.toy_data import write_dataset
+        from rayjobs.tools.toy_data import write_dataset
 
         if args.n < 1:
             raise UserError(f"--n must be >= 1, got {args.n}")
         print(write_dataset(args.out, args.kind, args.n, args.seed))
     elif args.toy_command == "reward":
-        from rayjobs.toy import train_reward
+        from rayjobs.tools.toy import train_reward
 
         print(json.dumps(train_reward(args.out, args.steps)))
     else:
-        from rayjobs.toy import caption_accuracy
-
         from models.components import ModelNotFoundError
         from models.export import LORA_FILE
+        from rayjobs.tools.toy import caption_accuracy
 
         if args.steps < 1:
             raise UserError(f"--steps must be >= 1, got {args.steps}")
@@ -229,23 +253,41 @@ def _toy(args) -> int:
     return 0
 
 
-def _sample(args) -> int:
-    from rayjobs.sample import generate
+def sample_request(args: argparse.Namespace) -> SampleRequest:
+    """The ``SampleRequest`` of `draftray sample`'s parsed arguments: each option is the field of its name."""
+    from dataclasses import fields
 
-    for path in generate(args):
+    from rayjobs.tools.sample import SampleRequest
+
+    return SampleRequest(**{f.name: getattr(args, f.name) for f in fields(SampleRequest)})
+
+
+def _sample(args) -> int:
+    from rayjobs.tools.sample import generate
+
+    for path in generate(sample_request(args)):
         print(path)
     return 0
 
 
 def _score(args) -> int:
-    from rayjobs.score import score
+    from rayjobs.tools.score import score
 
     options = ("reward", "images", "prompts", "diversity", "settings", "batch_size", "device", "out")
     return score(**{k: getattr(args, k) for k in options})
 
 
+def _submit(args) -> int:
+    run = submit.Submission(config=args.config, overrides=tuple(args.overrides), sweep=args.sweep, working_dir=args.working_dir)
+    return submit.submit(run, address=args.address, follow_logs=args.follow)
+
+
+def _jobs(args) -> int:
+    return submit.jobs(args.jobs_command, getattr(args, "id", None), address=args.address, follow_logs=getattr(args, "follow", False))
+
+
 def _weights(args) -> int:
-    from rayjobs.weights import weights_fetch, weights_list
+    from rayjobs.tools.weights import weights_fetch, weights_list
 
     return weights_list() if args.weights_command == "list" else weights_fetch(args.names)
 
@@ -258,7 +300,7 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
         commands = {"train": _train, "sweep": _sweep, "pareto": _pareto, "toy": _toy, "sample": _sample, "score": _score, "weights": _weights,
-                    "submit": submit.submit, "jobs": submit.jobs}  # fmt: skip
+                    "submit": _submit, "jobs": _jobs}  # fmt: skip
         return commands[args.command](args)
     except UserError as err:
         print(f"draftray: error: {err}", file=sys.stderr)

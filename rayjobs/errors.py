@@ -11,3 +11,9 @@ class TrainingStopped(Exception):
     """Training stopped itself for a reason the user must see (e.g. a non-finite loss). Exit 1."""
 
     exit_code = 1
+
+
+def first_line(err: BaseException) -> str:
+    """The first line of an exception's message (its type's name when it has none), for one-line errors."""
+    text = str(err).strip()
+    return text.splitlines()[0] if text else type(err).__name__

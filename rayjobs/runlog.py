@@ -10,7 +10,6 @@ import math
 import os
 import time
 from pathlib import Path
-
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -19,7 +18,7 @@ if TYPE_CHECKING:
     import torch
 
 METRICS_FILE = "metrics.jsonl"
-INFERENCE_FILE = "inference.jsonl"  # inference-time points of a sweep trial (rayjobs/knobs.py)
+INFERENCE_FILE = "inference.jsonl"  # inference-time points of a sweep trial (rayjobs/tune/inference_points.py)
 STOP_FILE = "STOPPED"  # written by rank 0 when training stops itself (non-finite loss)
 STOP_REQUEST = "STOP_REQUESTED"  # written by a sweep trial Tune stops: the loop ends at its next step
 PLACEMENT_GROUPS = ".placement_groups"  # Ray Train worker groups of this run, one placement-group id (hex) per line
@@ -155,7 +154,7 @@ class Watcher:
 
 
 def read_metrics(run_dir: Path, name: str = METRICS_FILE) -> list[dict]:
-    """The records of a run's JSON-lines file (metrics.jsonl, or inference.jsonl of rayjobs/knobs.py)."""
+    """The records of a run's JSON-lines file (metrics.jsonl, or inference.jsonl of rayjobs/tune/inference_points.py)."""
     path = Path(run_dir) / name
     if not path.exists():
         return []

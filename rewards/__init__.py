@@ -6,21 +6,20 @@ the caller picks the device and the grad mode. Never imports ray or models.
 """
 
 import _draftray_compat  # noqa: F401  (must run before torchvision/transformers import)
-
+from rewards import diversity, preference, simple, toy  # noqa: E402,F401  (registers the built-ins)
+from rewards.combine import RewardSum, TermSpec, affine, build_reward_sum, component_labels  # noqa: E402
 from rewards.registry import (  # noqa: E402
     DIVERSITY_METRICS,
     REWARDS,
     UnknownNameError,
     build_diversity,
     build_reward,
-    register_diversity,
-    register_reward,
     check,
     check_batch,
+    register_diversity,
+    register_reward,
     sources_of,
 )
-from rewards import simple, diversity, toy, preference  # noqa: E402,F401  (registers the built-ins)
-from rewards.combine import RewardSum, TermSpec, affine, build_reward_sum, component_labels  # noqa: E402
 from rewards.sources import MissingWeightsError, Source  # noqa: E402
 
 __all__ = [

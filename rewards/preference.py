@@ -3,7 +3,7 @@
 All follow the Reward contract: ``reward(images [B,3,H,W] in [0,1], prompts) -> [B]``, differentiable
 with respect to the images, frozen weights. Each goes through ``clip_preprocess`` (the one torch
 preprocessing) and casts the pixels to its own weights' dtype, so a caller that moved the reward to
-bf16 gets bf16 activations. Scales (REFERENCES.md, "Rewards"):
+bf16 gets bf16 activations. Scales (docs/references.md, "Rewards"):
 
     pickscore   logit_scale.exp() * cos(image, text)   ~ 20-23 on ordinary images
     hpsv2       cos(image, text), HPS v2.0 weights     ~ 0.2-0.3

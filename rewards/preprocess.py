@@ -19,7 +19,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-# OpenAI CLIP's normalisation (REFERENCES.md: every reward here uses it), RGB order.
+# OpenAI CLIP's normalisation (docs/references.md: every reward here uses it), RGB order.
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 

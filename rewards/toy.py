@@ -116,7 +116,7 @@ class ToyCaption(_ToyNetReward):
 def caption_match(net: ToyNet, images: torch.Tensor, prompts: list[str]) -> dict[str, torch.Tensor]:
     """Does the classifier read the caption's attributes off the image? -> {"shape", "color", "both"} bool [B].
 
-    "both" (shape AND colour right) is issue 3's caption accuracy.
+    "both" (shape AND colour right) is the caption accuracy `draftray toy check` reports.
     """
     check_batch(images, prompts)
     with torch.no_grad():

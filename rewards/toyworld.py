@@ -1,7 +1,7 @@
 """The toy world: coloured shapes on plain backgrounds, with captions, generated from a seed.
 
 Small enough to pretrain a Stable-Diffusion-architecture model and a reward
-model on a 2-core CPU (issue 3), rich enough for reward hacking and mode
+model on a 2-core CPU, rich enough for reward hacking and mode
 collapse to show: a caption fixes the shape and colour (and sometimes size and
 background), while position, and whatever the caption leaves out, vary.
 

@@ -38,7 +38,7 @@ def cluster():
     """One local Ray cluster (2 CPUs) per test module that asks for it: each start costs seconds on 2 cores."""
     import ray
 
-    from rayjobs.train import start_local_ray
+    from rayjobs.cluster.driver import start_local_ray
 
     # Workers of a local cluster inherit this environment: they can import tests/faults.py.
     tests_dir = os.path.dirname(__file__)

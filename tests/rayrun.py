@@ -33,7 +33,7 @@ def sweep_cfg(tmp_path, name, *extra):
 
 
 def fit_fast(tmp_path, name, *extra):
-    from rayjobs.train import fit
+    from rayjobs.cluster.driver import fit
 
     return fit(load_config(None, FAST + [f"run.output_dir={tmp_path}", f"run.name={name}", *extra]))
 

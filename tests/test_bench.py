@@ -36,7 +36,7 @@ def test_baseline_gives_our_loss_on_the_same_seed():
             if "lora_" in n:
                 p.copy_(lora[n])
     settings = SamplerSettings(steps=s.steps, guidance=s.guidance, truncation_steps=s.truncation_steps, height=32, width=32)
-    objective = Objective(Weights(reward=1.0, kl=s.kl_coeff), settings, reward)
+    objective = Objective(Weights(reward=1.0, kl_coeff=s.kl_coeff), settings, reward)
     expected, metrics = objective(ours, {"prompts": prompts, "generator": torch.Generator().manual_seed(3)})
     got = base.loss(prompts, torch.Generator().manual_seed(3), s)
     assert metrics["kl"] > 1e-6  # the KL term takes part

@@ -93,8 +93,8 @@ def test_sample_bad_input(tmp_path, capsys):
 
 
 def test_sample_writes_pngs_reproducibly(tmp_path, capsys):
-    from PIL import Image
     import numpy as np
+    from PIL import Image
 
     argv = ["sample", "--model", "tiny", "--prompt", "a red circle", "--steps", "3", "--num-images", "2", "--seed", "5"]
     assert main(argv + ["--out", str(tmp_path / "a")]) == 0
@@ -107,11 +107,78 @@ def test_sample_writes_pngs_reproducibly(tmp_path, capsys):
 
 
 def test_help(capsys):
-    for cmd in (["--help"], ["train", "--help"], ["sample", "--help"], ["sweep", "--help"], ["pareto", "--help"]):
+    for cmd in (["--help"], ["train", "--help"], ["sample", "--help"], ["sweep", "--help"], ["pareto", "--help"],
+                ["submit", "--help"], ["jobs", "--help"], ["jobs", "logs", "--help"]):  # fmt: skip
         with pytest.raises(SystemExit) as exc:
             main(cmd)
         assert exc.value.code == 0
-    assert "key=value" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "key=value" in out and "--working-dir" in out and "http://127.0.0.1:8265" in out
+
+
+def _subparser(name: str):
+    from rayjobs.cli import _parser
+
+    commands = next(a for a in _parser()._actions if a.dest == "command")
+    return commands.choices[name]
+
+
+def test_sample_options_are_the_request_fields_with_the_same_defaults():
+    """The CLI and SampleRequest declare the defaults separately (the CLI does not import torch to build its parser):
+    every `draftray sample` option must be a field with the CLI's default and choices, and the other way round."""
+    import dataclasses
+
+    from models.schedulers import SCHEDULERS as SCHEDULER_CLASSES
+    from rayjobs.tools.sample import PROMPT_WEIGHTINGS, SCHEDULERS, SampleRequest
+
+    options = {a.dest: a for a in _subparser("sample")._actions if a.dest != "help"}
+    fields = {f.name: f for f in dataclasses.fields(SampleRequest)}
+    assert options.keys() == fields.keys()
+    for name, option in options.items():
+        if option.required:
+            assert fields[name].default is dataclasses.MISSING, name
+        else:
+            assert fields[name].default == (tuple(option.default) if isinstance(option.default, list) else option.default), name
+    assert tuple(options["scheduler"].choices) == SCHEDULERS and set(SCHEDULERS) == set(SCHEDULER_CLASSES)
+    assert tuple(options["prompt_weighting"].choices) == PROMPT_WEIGHTINGS
+
+
+def test_sample_request_from_python_is_checked_like_the_flags(tmp_path):
+    import dataclasses
+
+    from rayjobs.errors import UserError
+    from rayjobs.tools.sample import SampleRequest, generate
+
+    base = {"model": "tiny", "prompt": "x", "out": tmp_path / "out"}
+    for extra, message in (({"scheduler": "dpm"}, "--scheduler must be one of"), ({"prompt_weighting": "Compel"}, "--prompt-weighting"),
+                           ({"num_images": 0}, "--num-images must be >= 1, got 0"), ({"height": 30}, "--height")):  # fmt: skip
+        with pytest.raises(UserError, match=message):
+            generate(SampleRequest(**base, **extra))
+    assert not (tmp_path / "out").exists()
+    request = SampleRequest(**base, embeddings=[tmp_path / "a", "b"])  # paths as the flags give them: strings
+    assert request.out == str(tmp_path / "out") and request.embeddings == (str(tmp_path / "a"), "b")
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        request.steps = 3  # type: ignore[misc]
+
+
+def test_submit_and_jobs_parse_into_the_submission_and_job_calls(tmp_path, monkeypatch):
+    """The parsers live in cli.py; rayjobs.cluster.submit gets explicit values (no Ray needed: the calls are stubbed)."""
+    from rayjobs.cluster import submit
+
+    for command, job_id in (("stpo", "run1"), ("stop", None)):  # refused before connecting: a typo must not stop a job
+        with pytest.raises(ValueError, match="jobs: give one of list, status, logs, stop"):
+            submit.jobs(command, job_id, address="http://127.0.0.1:9")
+    calls = []
+    monkeypatch.setattr(submit, "submit", lambda run, **kw: calls.append((run, kw)) or 0)
+    monkeypatch.setattr(submit, "jobs", lambda *a, **kw: calls.append((a, kw)) or 0)
+    assert main(["submit", "c.yaml", "a.b=1", "--sweep", "--working-dir", str(tmp_path), "--follow", "--address", "http://h:1"]) == 0
+    assert main(["jobs", "logs", "run1", "--follow"]) == 0
+    assert main(["jobs", "list"]) == 0
+    assert calls == [
+        (submit.Submission(config="c.yaml", overrides=("a.b=1",), sweep=True, working_dir=str(tmp_path)), {"address": "http://h:1", "follow_logs": True}),
+        (("logs", "run1"), {"address": None, "follow_logs": True}),
+        (("list", None), {"address": None, "follow_logs": False}),
+    ]  # fmt: skip
 
 
 def test_sweep_and_toy_bad_input(tmp_path, capsys):

@@ -14,9 +14,9 @@ from PIL import Image
 
 import rewards
 from models.objective import Objective, Weights
-from models.tokenizer import clip_tokenizer_dir
 from models.policy import Policy
 from models.sampler import SamplerSettings
+from models.tokenizer import clip_tokenizer_dir
 from rewards import MissingWeightsError, build_reward
 from rewards.builders import register_tiny_open_clip, save_aesthetic_head, save_hf_clip, save_open_clip
 from rewards.preprocess import clip_preprocess
@@ -123,7 +123,7 @@ def test_training_step_through_the_objective(weights, tiny):
     policy = Policy(tiny)
     opt = torch.optim.AdamW(policy.parameters(), lr=1e-2)
     settings_ = SamplerSettings(steps=2, guidance=3.0, truncation_steps=1, height=32, width=32)
-    objective = Objective(Weights(reward=1.0, kl=0.1), settings_, reward)
+    objective = Objective(Weights(reward=1.0, kl_coeff=0.1), settings_, reward)
     lora_before = [p.detach().clone() for p in policy.parameters()]
     loss, metrics = objective(policy, {"prompts": PROMPTS[:2], "generator": torch.Generator().manual_seed(0)})
     loss.backward()
@@ -298,8 +298,8 @@ def test_training_loop_logs_each_component(weights, tmp_path):
     """The real loop (no Ray) on the toy model against PickScore + toy_appeal, each normalised:
     the sum drives training, and both raw components are logged at every step and evaluation."""
     from rayjobs.config import load_config
-    from rayjobs.loop import LocalContext, train_loop
     from rayjobs.runlog import read_metrics
+    from rayjobs.training.loop import LocalContext, train_loop
 
     pick = f"{{name: pickscore, kwargs: {{model: {weights['hf']}, processor: {weights['hf']}}}, mean: 0.0, std: 0.5}}"
     cfg = load_config(None, [

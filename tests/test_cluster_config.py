@@ -12,12 +12,13 @@ import json
 import re
 from pathlib import Path
 
-import _draftray_compat  # noqa: F401
 import jsonschema
 import pytest
 import ray
 import ray.autoscaler
 import yaml
+
+import _draftray_compat  # noqa: F401
 
 ROOT = Path(__file__).resolve().parents[1]
 AWS = ROOT / "cluster.yaml"

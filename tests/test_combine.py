@@ -6,9 +6,9 @@ import torch
 from models.objective import Objective, Weights, score_parts
 from models.policy import Policy
 from models.sampler import SamplerSettings
+from rayjobs.cluster.preflight import preflight
 from rayjobs.config import validate
 from rayjobs.errors import UserError
-from rayjobs.train import preflight
 from rewards import RewardSum, TermSpec, affine, build_reward, build_reward_sum
 
 

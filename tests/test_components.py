@@ -7,7 +7,8 @@ import pytest
 import torch
 from diffusers import StableDiffusionPipeline
 
-from models.components import ModelNotFoundError, build_tiny, load_components, save_components
+from models.components import ModelNotFoundError, build_tiny, save_components
+from models.loading import load_components
 
 PROMPTS = ["a photo of a cat", "A Red Car, parked!  123", "an astronaut riding a horse on mars"]
 EOT = 49407

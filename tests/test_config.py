@@ -22,7 +22,7 @@ def test_toy_yaml_is_the_embedded_default():
 def test_extends_merges_sections_key_by_key():
     draft = load_config(CONFIGS / "sd15-draft.yaml")
     base = load_config(CONFIGS / "sd15-draftplus.yaml")
-    assert draft.objective.beta == 0.0 and base.objective.beta == 0.2
+    assert draft.objective.weights.kl_coeff == 0.0 and base.objective.weights.kl_coeff == 0.2
     assert draft.sampler == base.sampler and draft.model == base.model
 
 
@@ -39,8 +39,8 @@ def test_overrides_parse_yaml_values_and_win_over_file():
 
 
 def test_preset_kl_defaults():
-    assert load_config(None, ["objective.kl_coeff=null"]).objective.beta == 0.03
-    assert load_config(None, ["objective.preset=draft", "objective.kl_coeff=null"]).objective.beta == 0.0
+    assert load_config(None, ["objective.kl_coeff=null"]).objective.weights.kl_coeff == 0.03
+    assert load_config(None, ["objective.preset=draft", "objective.kl_coeff=null"]).objective.weights.kl_coeff == 0.0
 
 
 def test_resolved_yaml_round_trips(tmp_path):

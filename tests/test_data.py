@@ -16,11 +16,11 @@ import pytest
 import torch
 from PIL import Image, ImageFile
 
-from rayjobs.data import check_records, load_records
+from rayjobs.data.images import ImageTextDataset, ImageTransform
+from rayjobs.data.latent_cache import LatentCache, cacheable
+from rayjobs.data.load import check_records, load_records
+from rayjobs.data.prompts import load_prompts_source
 from rayjobs.errors import UserError
-from rayjobs.image_dataset import ImageTextDataset, ImageTransform
-from rayjobs.latent_cache import LatentCache, cacheable
-from rayjobs.prompt_data import load_prompts_source
 
 
 def png_bytes(width=20, height=12, seed=0, fmt="PNG") -> bytes:

@@ -233,8 +233,8 @@ def test_yaml_syntax_process(world, tmp_path):
 
 def test_prompts_too_long(world, tmp_path, capsys):
     """Not an error: one warning line saying how many prompts the tokenizer will cut."""
+    from rayjobs.cluster.preflight import preflight
     from rayjobs.config import load_config
-    from rayjobs.train import preflight
 
     preflight(load_config(None, ["model.name_or_path=tiny", f"data.prompts_file={world.long_prompts}", f"run.output_dir={tmp_path}/runs"]))
     err = capsys.readouterr().err.strip()
@@ -247,7 +247,7 @@ def test_too_many_workers(tmp_path, capsys, monkeypatch):
     """A local Ray never grows: a run larger than it is refused instead of waiting forever (no Ray started here)."""
     import ray
 
-    import rayjobs.train as train_mod
+    import rayjobs.cluster.driver as train_mod
 
     monkeypatch.setattr(train_mod, "connect", lambda cfg, verbose=False: True)
     monkeypatch.setattr(train_mod, "cluster_nodes", lambda: 1)
@@ -263,9 +263,10 @@ def test_too_many_workers(tmp_path, capsys, monkeypatch):
 
 def test_resume_other_model(tmp_path, capsys):
     """A run trained on 'tiny' (1 step, in-process), resumed with run.name on 'toy': refused before Ray, run untouched."""
+    from rayjobs.cluster.driver import prepare_run_dir, run_dir_for
+    from rayjobs.cluster.preflight import preflight
     from rayjobs.config import load_config
-    from rayjobs.loop import LocalContext, train_loop
-    from rayjobs.train import preflight, prepare_run_dir, run_dir_for
+    from rayjobs.training.loop import LocalContext, train_loop
 
     fast = ["sampler.steps=2", "sampler.truncation_steps=1", "data.eval_prompts=[a red circle]", "data.eval_seeds=[0,1]",
             "train.batch_size=1", "train.steps=1", "train.eval_every=0", "run.name=r1", f"run.output_dir={tmp_path}/runs"]  # fmt: skip

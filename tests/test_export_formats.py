@@ -10,6 +10,8 @@ from peft import LoraConfig
 from peft.utils import get_peft_model_state_dict
 from safetensors import safe_open
 from safetensors.torch import load_file
+from toydata import pipe_sample as sample
+from toydata import randomize
 
 from models.components import build_tiny
 from models.export import EXPORT_INFO, LORA_FILE, export, export_full, export_lora
@@ -17,7 +19,6 @@ from models.kohya import KOHYA_FILE, KohyaUnsupportedError, to_kohya
 from models.policy import DEFAULT_LORA_TARGETS, Policy
 from models.textual_inversion import TI_FILE, add_placeholder, trainable_rows
 from rayjobs.config import TrainableConfig
-from toydata import pipe_sample as sample, randomize
 
 FULL_TARGETS = tuple(TrainableConfig().lora_targets)  # attention, ff, proj_in/out, resnet convs, conv_out
 # every other LoRA-able SD 1.x UNet kind: resnet shortcut/time projection, conv_in, down/upsampler convs, ...

@@ -1,4 +1,4 @@
-"""Inpainting (issue 10), the model side: the training sampler equals diffusers' StableDiffusionInpaintPipeline
+"""Inpainting (docs/inpainting.md), the model side: the training sampler equals diffusers' StableDiffusionInpaintPipeline
 for a 9-channel inpainting UNet and for a 4-channel text-to-image UNet; paste-back keeps the known pixels;
 the denoise term builds the 9-channel input as diffusers' inpainting training does."""
 
@@ -7,8 +7,8 @@ import torch
 import torch.nn.functional as F
 from diffusers import StableDiffusionInpaintPipeline
 
-from models.components import load_components
 from models.inpaint import InpaintInputs, paste_back
+from models.loading import load_components
 from models.objective import DenoiseSettings, denoise_loss
 from models.policy import Policy
 from models.sampler import SamplerSettings, sample
@@ -169,10 +169,11 @@ LOOP = ["sampler.steps=3", "sampler.guidance=3.0", "data.eval_prompts=[a red cir
 
 
 def _worker(tmp_path, *extra):
-    from rayjobs.config import load_config
-    from rayjobs.loop import LocalContext, Worker
-    from rayjobs.train import preflight
     from toydata import write_toy_images
+
+    from rayjobs.cluster.preflight import preflight
+    from rayjobs.config import load_config
+    from rayjobs.training.loop import LocalContext, Worker
 
     write_toy_images(tmp_path / "data", 2)
     cfg = load_config(None, LOOP + [f"run.output_dir={tmp_path}", f"data.source={tmp_path / 'data'}", *extra])
@@ -192,7 +193,7 @@ def test_inpainting_lora_moves_only_lora_and_reads_the_masks(tmp_path):
     worker.policy.unet.register_forward_pre_hook(lambda module, args: seen.append(args[0].shape[1]))
     before = _unet(worker)
     for step in range(2):
-        assert worker.train_step(step)["finite"] == 1.0
+        assert worker.train_step(step).finite
     changed = {n for n, p in _unet(worker).items() if not torch.equal(p, before[n])}
     assert changed and all("lora_" in n for n in changed) and set(seen) == {9}
 
@@ -203,8 +204,8 @@ def test_draftplus_on_an_inpainting_model_repaints_data_images(tmp_path):
                      "reward.name=colorfulness", "sampler.truncation_steps=2", "sampler.height=32", "sampler.width=32")  # fmt: skip
     batch = worker.batch(0, 0)
     assert batch["inpaint_pixels"].shape == (2, 3, 32, 32) and batch["inpaint_mask"].shape == (2, 1, 32, 32)
-    metrics = worker.train_step(0)
-    assert metrics["finite"] == 1.0 and "reward" in metrics
+    result = worker.train_step(0)
+    assert result.finite and "reward" in result.metrics
 
 
 def test_dreambooth_on_an_inpainting_model_masks_the_class_images_too(tmp_path):
@@ -213,8 +214,8 @@ def test_dreambooth_on_an_inpainting_model_masks_the_class_images_too(tmp_path):
     worker.make_class_images()  # drawn by the inpainting model as whole images (the whole image is the hole)
     batch = worker.batch(0, 0)
     assert batch["class_mask"].shape == (2, 1, 32, 32) and batch["class_masked_latents"].shape == (2, 4, 16, 16)
-    metrics = worker.train_step(0)
-    assert metrics["finite"] == 1.0 and metrics["prior"] > 0
+    result = worker.train_step(0)
+    assert result.finite and result.metrics["prior"] > 0
 
 
 @pytest.mark.parametrize(
@@ -227,11 +228,11 @@ def test_dreambooth_on_an_inpainting_model_masks_the_class_images_too(tmp_path):
     ],
 )
 def test_bad_inpainting_configs_are_one_line_before_anything_is_written(tmp_path, extra, message):
+    from toydata import write_toy_images
+
+    from rayjobs.cluster.preflight import preflight
     from rayjobs.config import load_config
     from rayjobs.errors import UserError
-    from rayjobs.train import preflight
-
-    from toydata import write_toy_images
 
     write_toy_images(tmp_path / "data", 2)
     with pytest.raises(UserError, match=message):
@@ -243,10 +244,11 @@ def test_bad_inpainting_configs_are_one_line_before_anything_is_written(tmp_path
                                     "sd15-inpaint-draftplus.yaml", "toy-inpaint.yaml"])  # fmt: skip
 def test_each_inpainting_preset_runs_one_step(tmp_path, preset):
     """The shipped presets as they are, on the tiny models (9-channel ones on tiny-inpaint) and small sizes."""
-    from rayjobs.config import load_config
-    from rayjobs.loop import LocalContext, train_loop
-    from rayjobs.train import preflight
     from toydata import write_toy_images
+
+    from rayjobs.cluster.preflight import preflight
+    from rayjobs.config import load_config
+    from rayjobs.training.loop import LocalContext, train_loop
 
     write_toy_images(tmp_path / "data", 2)
     model = [] if preset.startswith("toy") else ["model.name_or_path=tiny-inpaint", "model.dtype=float32", "ray.use_gpu=false",

@@ -8,12 +8,13 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-
-from models.components import build_tiny, load_components, save_components
-from models.ip2p import expand_unet_inputs
-from rayjobs.cli import main
-from rayjobs.sample import binarize_mask, paste_back
 from toydata import write_toy_images
+
+from models.components import build_tiny, save_components
+from models.ip2p import expand_unet_inputs
+from models.loading import load_components
+from rayjobs.cli import main
+from rayjobs.tools.sample import binarize_mask, paste_back
 
 PROMPT = "a red circle"
 BOX = (8, 4, 24, 20)  # x0, y0, x1, y1 of the white (repaint) rectangle
@@ -233,8 +234,8 @@ def test_lora_and_embeddings_apply_to_inpainting(files, tmp_path):
     from safetensors.torch import save_file
 
     from models.export import LORA_FILE
-    from rayjobs.cli import _parser
-    from rayjobs.sample import build_pipeline
+    from rayjobs.cli import _parser, sample_request
+    from rayjobs.tools.sample import build_pipeline
 
     unet = load_components(str(files["inpaint9"])).unet
     torch.manual_seed(0)
@@ -251,7 +252,7 @@ def test_lora_and_embeddings_apply_to_inpainting(files, tmp_path):
     save_file({"clip_l": torch.randn(1, 16), "clip_g": torch.randn(1, 32)}, str(tmp_path / "xl.safetensors"), metadata={"token": "<xl>"})
     for model, file, token in (("tiny", "sd1", "<sd1>"), ("tiny-sdxl", "xl", "<xl>")):
         argv = _argv(files, tmp_path / file, "--embeddings", str(tmp_path / f"{file}.safetensors"), model=model)
-        pipe = build_pipeline(_parser().parse_args(argv))
+        pipe = build_pipeline(sample_request(_parser().parse_args(argv)))
         assert "Inpaint" in type(pipe).__name__ and token in pipe.tokenizer.get_vocab()
         argv[argv.index("--prompt") + 1] = f"a {token} circle"
         assert main(argv) == 0 and (tmp_path / file / "000_seed1.png").is_file()

@@ -8,8 +8,9 @@ import pytest
 import torch
 
 from rayjobs.config import load_config
-from rayjobs.loop import LocalContext, Worker, train_loop
 from rayjobs.runlog import STOP_FILE, read_metrics
+from rayjobs.training.guard import NonFiniteGuard, StepResult
+from rayjobs.training.loop import LocalContext, Worker, train_loop
 
 sys.path.insert(0, str(Path(__file__).parent))  # for 'faults:...' rewards
 
@@ -31,6 +32,8 @@ def test_run_writes_metrics_grids_checkpoints_and_export(tmp_path):
     train_loop(cfg, tmp_path, LocalContext(tmp_path))
     metrics = read_metrics(tmp_path)
     assert [m["step"] for m in metrics if "loss" in m] == [1, 2]
+    # the step records keep the finite flag as a number; the stop request never reaches them
+    assert all(m["finite"] == 1.0 and "stop_requested" not in m for m in metrics if "loss" in m)
     evals = [m for m in metrics if "eval/reward_mean" in m]
     assert [m["step"] for m in evals] == [0, 2]
     assert evals[0]["eval/kl"] == 0.0  # LoRA starts at the base model
@@ -79,10 +82,10 @@ def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
 
 
 def test_stop_request_ends_the_run_and_a_restart_clears_it(tmp_path):
-    """A sweep trial stopped by Tune's scheduler (rayjobs/sweep.py) ends at its next step, no export;
+    """A sweep trial stopped by Tune's scheduler (rayjobs/tune/sweep.py) ends at its next step, no export;
     starting the run again (prepare_run_dir) removes the request, so the run trains to the end."""
+    from rayjobs.cluster.driver import prepare_run_dir
     from rayjobs.runlog import STOP_REQUEST
-    from rayjobs.train import prepare_run_dir
 
     cfg = _cfg(tmp_path, "train.steps=3", "train.checkpoint_every=1", "train.eval_every=0")
     prepare_run_dir(cfg, tmp_path)
@@ -106,6 +109,48 @@ def test_grad_accumulation_averages_micro_batches(tmp_path):
         loss.backward()
         grads.append([p.grad.clone() for p in w.params])
     w.optimizer.zero_grad()
-    metrics = w.train_step(0)
+    result = w.train_step(0)
+    metrics = result.metrics
+    assert result.finite and not result.stop_requested
+    assert not {"finite", "stop_requested"} & set(metrics)  # the flags live beside the metrics, not among them
     expect = torch.sqrt(sum(((g0 + g1) / 2).pow(2).sum() for g0, g1 in zip(*grads)))
     assert metrics["grad_norm"] == pytest.approx(float(expect), rel=1e-4)
+
+
+def _step(finite: bool) -> StepResult:
+    return StepResult({"loss": 1.0 if finite else float("nan"), "grad_norm": 0.5}, finite=finite, stop_requested=False)
+
+
+def test_guard_stop_policy_stops_at_the_first_non_finite_step():
+    guard = NonFiniteGuard("stop", max_skipped=10)
+    finite = _step(True)
+    assert not guard.should_stop(finite)
+    assert set(finite.metrics) == {"loss", "grad_norm"}  # no skip counters under "stop"
+    assert guard.should_stop(_step(False), "prompts ['a'] (rank 0, micro-batch 0)")
+    assert guard.limit is None  # the message names no limit: any non-finite step stops
+
+
+def test_guard_skip_policy_counts_and_stops_after_max_skipped_in_a_row():
+    guard = NonFiniteGuard("skip", max_skipped=3)
+    record = []
+    for finite in (True, False, False, True, False, False):  # never 3 in a row: a finite step resets the count
+        result = _step(finite)
+        assert not guard.should_stop(result, "prompts ['a'] (rank 0, micro-batch 0)")
+        record.append(result.metrics)
+    assert [m["skipped_nonfinite"] for m in record] == [0.0, 1.0, 1.0, 0.0, 1.0, 1.0]
+    assert [m["skipped_nonfinite_total"] for m in record] == [0.0, 1.0, 2.0, 2.0, 3.0, 4.0]
+    assert ["skipped_prompts" in m for m in record] == [False, True, True, False, True, True]
+    assert record[1]["skipped_prompts"] == "prompts ['a'] (rank 0, micro-batch 0)"
+    third = _step(False)
+    assert guard.should_stop(third)
+    assert guard.limit == "3 consecutive non-finite steps (train.max_skipped=3)"
+    assert "skipped_nonfinite" not in third.metrics  # the stopping step is not counted as skipped
+    assert guard.skipped == 4
+
+
+def test_guard_skip_logs_prompts_only_where_given():
+    """Ranks other than 0 pass no prompts: they count the skip, but only rank 0's record names the prompts."""
+    guard = NonFiniteGuard("skip", max_skipped=10)
+    result = _step(False)
+    assert not guard.should_stop(result)
+    assert result.metrics["skipped_nonfinite"] == 1.0 and "skipped_prompts" not in result.metrics

@@ -1,4 +1,4 @@
-"""Inpainting masks (issue 10), data side: random masks, dataset masks (files and columns, aligned
+"""Inpainting masks (docs/inpainting.md), data side: random masks, dataset masks (files and columns, aligned
 with their images), config checks, and the batch keys of data.inpaint. Nothing is downloaded."""
 
 import json
@@ -8,16 +8,17 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-
-import rayjobs.data as data_module
-from models.masks import binarize, random_masks, random_rectangles, random_strokes
-from rayjobs.batches import check_data
-from rayjobs.config import load_config
-from rayjobs.data import MASK, check_records, find_images, load_records
-from rayjobs.errors import UserError
-from rayjobs.image_dataset import ImageTextDataset, ImageTransform
-from rayjobs.loop import LocalContext, Worker
 from toydata import write_toy_images
+
+import rayjobs.data.load as data_module
+from models.masks import binarize, random_masks, random_rectangles, random_strokes
+from rayjobs.config import load_config
+from rayjobs.data.batches import check_data
+from rayjobs.data.images import ImageTextDataset, ImageTransform
+from rayjobs.data.load import check_records, find_images, load_records
+from rayjobs.data.records import MASK
+from rayjobs.errors import UserError
+from rayjobs.training.loop import LocalContext, Worker
 
 FAST = ["sampler.steps=3", "data.eval_prompts=[a red circle]", "data.eval_seeds=[0,1]", "train.batch_size=2", "train.eval_every=0"]
 KINDS = ["rectangles", "strokes", "mixed"]

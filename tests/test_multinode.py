@@ -43,7 +43,7 @@ def _cfg(tmp_path, *extra):
 
 
 def test_a_multi_node_run_without_shared_storage_is_refused(two_nodes, tmp_path):
-    from rayjobs.train import fit
+    from rayjobs.cluster.driver import fit
 
     with pytest.raises(UserError, match=r"^ray.storage_path: this cluster has 2 nodes.*set ray.storage_path to s3://"):
         fit(_cfg(tmp_path, "run.name=local"))
@@ -52,7 +52,8 @@ def test_a_multi_node_run_without_shared_storage_is_refused(two_nodes, tmp_path)
 
 def test_two_workers_spread_over_both_nodes_with_shared_storage(two_nodes, tmp_path):
     import ray
-    from rayjobs.train import fit
+
+    from rayjobs.cluster.driver import fit
 
     shared = tmp_path / "shared"
     run = fit(_cfg(tmp_path, "run.name=spread", "ray.num_workers=2", "train.steps=2", "train.checkpoint_every=1", f"ray.storage_path={shared}"))
@@ -67,7 +68,7 @@ def test_two_workers_spread_over_both_nodes_with_shared_storage(two_nodes, tmp_p
 
 
 def test_a_sweep_runs_two_trials_at_once_across_the_nodes(two_nodes, tmp_path):
-    from rayjobs.sweep import run_sweep
+    from rayjobs.tune.sweep import run_sweep
 
     meet = tmp_path / "rendezvous"  # each trial's worker waits there for the other: they must train at once
     cfg = _cfg(tmp_path, "train.steps=2", "train.eval_every=2", f"ray.storage_path={tmp_path / 'shared'}",
@@ -81,7 +82,7 @@ def test_a_sweep_runs_two_trials_at_once_across_the_nodes(two_nodes, tmp_path):
 
 
 def test_sync_copies_only_what_changed_and_pull_restores_it(tmp_path):
-    from rayjobs.storage import pull_run_dir, sync_run_dir
+    from rayjobs.cluster.storage import pull_run_dir, sync_run_dir
 
     run, store = tmp_path / "runs" / "r", str(tmp_path / "store")
     (run / "samples").mkdir(parents=True)
@@ -115,7 +116,7 @@ def test_a_lost_node_resumes_on_the_remaining_one(two_nodes, tmp_path):
     import ray
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-    from rayjobs.train import fit
+    from rayjobs.cluster.driver import fit
 
     head = ray.get_runtime_context().get_node_id()  # the driver's node
     held = ray.remote(num_cpus=1)(_Blocker).options(scheduling_strategy=NodeAffinitySchedulingStrategy(head, soft=False)).remote()

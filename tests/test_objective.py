@@ -3,10 +3,11 @@
 import pytest
 import torch
 
+from models.components import build_tiny
 from models.objective import (
+    DenoiseSettings,
     Objective,
     Weights,
-    DenoiseSettings,
     denoise_loss,
     denoise_term,
     kl_term,
@@ -14,7 +15,6 @@ from models.objective import (
     reward_term,
     snr,
 )
-from models.components import build_tiny
 from models.policy import Policy
 from models.sampler import SamplerSettings, sample
 from rewards import build_reward
@@ -110,7 +110,7 @@ def test_objective_reward_plus_kl_matches_recomputation(tiny):
     policy = Policy(tiny)
     randomize_lora(policy)
     reward = build_reward("colorfulness")
-    objective = Objective(Weights(reward=1.0, kl=0.5), SETTINGS, reward)
+    objective = Objective(Weights(reward=1.0, kl_coeff=0.5), SETTINGS, reward)
     loss, metrics = objective(policy, {"prompts": PROMPTS, "generator": torch.Generator().manual_seed(7)})
 
     with torch.no_grad():
@@ -125,7 +125,7 @@ def test_objective_reward_plus_kl_matches_recomputation(tiny):
     assert loss.requires_grad
 
 
-@pytest.mark.parametrize("weights", [Weights(reward=1.0), Weights(reward=0.0, kl=0.1)])
+@pytest.mark.parametrize("weights", [Weights(reward=1.0), Weights(reward=0.0, kl_coeff=0.1)])
 def test_objective_needs_reward(weights):
     with pytest.raises(ValueError, match="reward"):
         Objective(weights, SETTINGS, reward=None)

@@ -5,8 +5,8 @@ import json
 import pytest
 import yaml
 
-from rayjobs.pareto import collect_rows, fields_of, mark_front, pareto_mask, read_csv, rebuild, write_csv, write_front
 from rayjobs.runlog import write_status
+from rayjobs.tune.pareto import collect_rows, fields_of, mark_front, pareto_mask, read_csv, rebuild, write_csv, write_front
 
 
 @pytest.mark.parametrize(
@@ -43,10 +43,10 @@ def _trial(root, name, kl, rows, status=None):
 
 
 def _checkpoint(directory, step):
-    """A complete checkpoint (rayjobs/checkpoint.py: files + manifest) of one dummy weight at ``step``."""
+    """A complete checkpoint (rayjobs/training/checkpoint.py: files + manifest) of one dummy weight at ``step``."""
     import torch
 
-    from rayjobs import checkpoint
+    from rayjobs.training import checkpoint
 
     schedule = torch.optim.lr_scheduler.LambdaLR(torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1.0), lambda _: 1.0)
     checkpoint.save(directory, 0, step, {"w": torch.zeros(1)}, None, schedule)
@@ -112,7 +112,7 @@ def test_every_output_written_and_rebuilt_from_trials_csv(trials, tmp_path):
 
 
 def test_inference_points_join_the_front(trials, tmp_path):
-    """inference.jsonl points (rayjobs/knobs.py) are read with their kind and knob, and can be on the front."""
+    """inference.jsonl points (rayjobs/tune/inference_points.py) are read with their kind and knob, and can be on the front."""
     rows = [{"step": 10, "kind": "lora_scale", "knob": "0.5", "eval/reward_mean": 2.5, "eval/diversity_x": 0.35, "eval/kl": 0.01},
             {"step": 10, "kind": "aig", "knob": "power_2", "eval/reward_mean": 1.5, "eval/diversity_x": 0.2, "eval/kl": 0.0}]  # fmt: skip
     (trials / "t0" / "inference.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))

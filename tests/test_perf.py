@@ -15,10 +15,10 @@ import rewards
 from models import perf
 from models.policy import Policy
 from models.sampler import SamplerSettings, sample
-from rayjobs import sharding
 from rayjobs.config import Config, load_config
 from rayjobs.errors import UserError
-from rayjobs.loop import LocalContext, Worker, _compile
+from rayjobs.training import sharding
+from rayjobs.training.loop import LocalContext, Worker, _compile
 
 SYNCS = ("item", "__bool__", "tolist", "__float__", "__int__")  # what reads a tensor's value on the host
 
@@ -225,9 +225,9 @@ FAST = ["sampler.steps=3", "sampler.truncation_steps=1", "train.batch_size=1", "
 
 def test_worker_step_with_switches_equals_without(tmp_path):
     on = ["perf.compile=sampling", "perf.compile_backend=aot_eager", "perf.attention=math", "perf.channels_last=true"]
-    off_out = Worker(load_config(None, FAST + [f"run.output_dir={tmp_path}"]), LocalContext(tmp_path / "off")).train_step(0)
+    off_out = Worker(load_config(None, FAST + [f"run.output_dir={tmp_path}"]), LocalContext(tmp_path / "off")).train_step(0).metrics
     worker = Worker(load_config(None, FAST + on + [f"run.output_dir={tmp_path}"]), LocalContext(tmp_path / "on"))
-    on_out = worker.train_step(0)
+    on_out = worker.train_step(0).metrics
     assert worker.compiled.stats.calls == 2 and on_out["compile_s"] > 0
     for key in ("loss", "reward", "kl", "grad_norm"):
         assert on_out[key] == pytest.approx(off_out[key], abs=1e-5), key

@@ -117,7 +117,7 @@ def test_training_loop_touches_only_trainable(tiny):
     before = policy.trainable_state_dict()
 
     settings = SamplerSettings(steps=3, guidance=7.5, truncation_steps=1, height=32, width=32)
-    objective = Objective(Weights(reward=1.0, kl=0.1), settings, reward)
+    objective = Objective(Weights(reward=1.0, kl_coeff=0.1), settings, reward)
     opt = torch.optim.AdamW(policy.parameters(), lr=1e-2, weight_decay=0.0)  # no decay: moves only by gradient
     for step in range(3):
         loss, metrics = objective(policy, {"prompts": ["a cat", "a dog"], "generator": torch.Generator().manual_seed(step)})

@@ -1,4 +1,4 @@
-"""Mixed precision (issue 6): float16 with dynamic loss scaling keeps trainable weights float32, the VAE
+"""Mixed precision (docs/performance.md): float16 with dynamic loss scaling keeps trainable weights float32, the VAE
 float32 (SD's VAE overflows in float16), skips an overflowing step instead of stopping, and resumes its scale."""
 
 import math
@@ -6,14 +6,14 @@ import sys
 
 import pytest
 import torch
+from toydata import finetune_worker
 
 from models.components import build_tiny, vae_precision
-from rayjobs import checkpoint
+from rayjobs.cluster.driver import progress_fields
 from rayjobs.config import load_config
 from rayjobs.errors import UserError
-from rayjobs.loop import LocalContext, Worker
-from rayjobs.train import progress_fields
-from toydata import finetune_worker
+from rayjobs.training import checkpoint
+from rayjobs.training.loop import LocalContext, Worker
 
 FAST = ["sampler.steps=3", "data.eval_prompts=[a red circle]", "data.eval_seeds=[0,1]", "train.batch_size=2", "model.dtype=float16"]
 
@@ -30,9 +30,9 @@ def test_float16_trains_with_a_loss_scale_and_float32_trainables(tmp_path):
     frozen = next(p for n, p in comps.unet.named_parameters() if "lora_" not in n)
     assert frozen.dtype == torch.float16
     before = {n: p.detach().clone() for n, p in worker.policy.named_trainable().items()}
-    metrics = [worker.train_step(s) for s in range(2)]
-    assert all(m["finite"] == 1.0 and m["overflow"] == 0.0 for m in metrics)
-    assert metrics[0]["loss_scale"] == 2.0**16  # no overflow: the scale grows only after growth_interval steps
+    results = [worker.train_step(s) for s in range(2)]
+    assert all(r.finite and r.metrics["overflow"] == 0.0 for r in results)
+    assert results[0].metrics["loss_scale"] == 2.0**16  # no overflow: the scale grows only after growth_interval steps
     assert any(not torch.equal(before[n], p) for n, p in worker.policy.named_trainable().items())
 
 
@@ -40,8 +40,9 @@ def test_an_overflowing_step_is_skipped_and_the_scale_backs_off(tmp_path):
     worker = _worker(tmp_path)
     worker.scaler = torch.amp.GradScaler("cpu", init_scale=2.0**120)  # loss * 2^120 overflows float16 gradients
     before = {n: p.detach().clone() for n, p in worker.policy.named_trainable().items()}
-    metrics = worker.train_step(0)
-    assert metrics["finite"] == 1.0 and metrics["overflow"] == 1.0 and not math.isfinite(metrics["grad_norm"])
+    result = worker.train_step(0)
+    metrics = result.metrics
+    assert result.finite and metrics["overflow"] == 1.0 and not math.isfinite(metrics["grad_norm"])
     assert metrics["loss_scale"] == 2.0**119
     assert all(torch.equal(before[n], p) for n, p in worker.policy.named_trainable().items())
     assert worker.schedule.last_epoch == 0  # the schedule did not advance either
@@ -59,8 +60,8 @@ def test_the_loss_scale_travels_with_the_checkpoint(tmp_path):
 
 def test_float16_reward_step_decodes_in_float32(tmp_path):
     cfg = load_config(None, FAST[:-1] + ["model.dtype=float16", f"run.output_dir={tmp_path}", "sampler.truncation_steps=1"])
-    metrics = Worker(cfg, LocalContext(tmp_path)).train_step(0)
-    assert metrics["finite"] == 1.0 and math.isfinite(metrics["reward"]) and "loss_scale" in metrics
+    result = Worker(cfg, LocalContext(tmp_path)).train_step(0)
+    assert result.finite and math.isfinite(result.metrics["reward"]) and "loss_scale" in result.metrics
 
 
 def test_vae_precision_switches_autocast_off_only_for_a_float32_vae_under_float16():
@@ -82,7 +83,7 @@ def test_progress_shows_the_terms_a_run_logs():
 def test_adamw8bit_keeps_8bit_moments_and_resumes_exactly(tmp_path):
     worker = _worker(tmp_path, "model.dtype=float32", "optim.name=adamw8bit", "trainable.kind=full", "optim.warmup_steps=0")
     assert type(worker.optimizer).__name__ == "AdamW8bit"
-    assert worker.train_step(0)["finite"] == 1.0
+    assert worker.train_step(0).finite
     big = max(worker.policy.parameters(), key=lambda p: p.numel())
     assert worker.optimizer.state[big]["state1"].dtype == torch.uint8  # 8-bit first moment (>= 4096 elements)
     worker.save(tmp_path / "ckpt", 1)

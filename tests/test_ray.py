@@ -4,10 +4,10 @@ supervised presets, sweeps. Killed workers, drivers and storage faults are in te
 from pathlib import Path
 
 import pytest
+from rayrun import FAST, fit_fast, sweep_cfg, train_steps
 
 from rayjobs.config import load_config
 from rayjobs.runlog import read_metrics
-from rayrun import FAST, fit_fast, sweep_cfg, train_steps
 
 pytestmark = pytest.mark.ray
 
@@ -72,8 +72,8 @@ PIVOTAL_PHASES = "optim.phases=[{steps: 1, lr: {tokens: 5.0e-3}}, {steps: 1, lr:
 )
 def test_each_supervised_preset_trains_through_ray(cluster, tmp_path, preset, kind, extra, exported):
     """The shipped toy presets, 2 steps each through Ray Train: the loop's metrics and the method's export."""
-    from rayjobs.toy_data import write_dataset
-    from rayjobs.train import fit
+    from rayjobs.cluster.driver import fit
+    from rayjobs.tools.toy_data import write_dataset
 
     data = write_dataset(tmp_path / "data", kind, 4)
     overrides = [f"run.output_dir={tmp_path}", "run.name=p", f"data.source={data}", "train.steps=2", "train.eval_every=2",
@@ -93,8 +93,8 @@ def test_kl_sweep_end_to_end(cluster, tmp_path):
     """Three kl_coeffs on the toy world, two at a time (1 CPU each): DRaFT (kl 0) gains more reward,
     drifts further from the reference and keeps less diversity; every output file is written; the
     inference-time knobs reproduce their endpoints on every checkpoint."""
-    from rayjobs.pareto import read_csv, rebuild
-    from rayjobs.sweep import run_sweep
+    from rayjobs.tune.pareto import read_csv, rebuild
+    from rayjobs.tune.sweep import run_sweep
 
     cfg = sweep_cfg(tmp_path, "kl3", "sweep.params={objective.kl_coeff: {grid: [0.0, 1.0, 10.0]}}",
                      "sweep.inference={lora_scales: [0.0], aig: [draft]}")  # fmt: skip
@@ -130,8 +130,8 @@ def test_failed_trial_is_retried_then_recorded(cluster, tmp_path):
     """A trial that fails once is restarted from its last checkpoint (sweep.max_failures) and finishes; one
     that keeps failing is recorded as failed with its error in trials.csv while the sweep goes on."""
     from rayjobs.errors import TrainingStopped
-    from rayjobs.pareto import read_csv
-    from rayjobs.sweep import run_sweep
+    from rayjobs.tune.pareto import read_csv
+    from rayjobs.tune.sweep import run_sweep
 
     marker = tmp_path / "crashed"
     crash_once = f"{{name: 'faults:CrashOnce', kwargs: {{at_call: 4, marker: '{marker}'}}}}"
@@ -167,7 +167,7 @@ def test_release_removes_a_runs_recorded_placement_groups(cluster, tmp_path):
     from ray.util.placement_group import placement_group
 
     from rayjobs.runlog import PLACEMENT_GROUPS
-    from rayjobs.sweep_resources import release_placement_groups
+    from rayjobs.tune.resources import release_placement_groups
 
     pg = placement_group([{"CPU": 1}])
     ray.get(pg.ready(), timeout=30)
@@ -191,7 +191,7 @@ def test_an_orphaned_worker_group_is_reaped_only_while_trials_starve(cluster):
     from ray.util.placement_group import placement_group, remove_placement_group
     from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
-    from rayjobs.sweep_resources import reap_orphans
+    from rayjobs.tune.resources import reap_orphans
 
     orphan, busy = placement_group([{"CPU": 1}]), placement_group([{"CPU": 1}])
     ray.get([orphan.ready(), busy.ready()], timeout=30)
@@ -216,9 +216,9 @@ def test_an_orphaned_worker_group_is_reaped_only_while_trials_starve(cluster):
 @pytest.mark.timeout(600)
 def test_optuna_with_asha_finishes_and_releases_resources(cluster, tmp_path):
     """Optuna's multi-objective search with ASHA early stopping, two trials at once on 2 CPUs: stopped
-    trials give their CPUs back (rayjobs/sweep_resources.py), so the sweep finishes."""
-    from rayjobs.pareto import read_csv
-    from rayjobs.sweep import run_sweep
+    trials give their CPUs back (rayjobs/tune/resources.py), so the sweep finishes."""
+    from rayjobs.tune.pareto import read_csv
+    from rayjobs.tune.sweep import run_sweep
 
     cfg = sweep_cfg(tmp_path, "asha", "train.steps=6", "train.eval_every=2", "sweep.search=optuna", "sweep.num_samples=4",
                      "sweep.params={objective.kl_coeff: {loguniform: [0.01, 10.0]}}", "sweep.inference={}",

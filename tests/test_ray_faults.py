@@ -1,4 +1,4 @@
-"""Faults injected for real into Ray runs on the module's local cluster (docs/reliability.md, issue 9).
+"""Faults injected for real into Ray runs on the module's local cluster (docs/reliability.md).
 
 Workers are SIGKILLed at random steps (tests/faults.py), drivers are SIGKILLed and their command run again,
 and a run's storage fills up or turns read-only. The promise checked: the run ends where an uninterrupted
@@ -14,10 +14,10 @@ from pathlib import Path
 
 import pytest
 import torch
+from rayrun import FAST, REPO, SWEEP_FAST, SWEEP_YAML, fit_fast, kill_with_children, registered_checkpoint, train_steps
 from safetensors.torch import load_file
 
 from rayjobs.runlog import read_metrics
-from rayrun import FAST, REPO, SWEEP_FAST, SWEEP_YAML, fit_fast, kill_with_children, registered_checkpoint, train_steps
 
 pytestmark = pytest.mark.ray
 
@@ -158,9 +158,9 @@ def test_worker_failure_beyond_max_failures_is_one_clear_error(cluster, tmp_path
 def test_resume_after_killing_the_driver(cluster, tmp_path):
     """`draftray sweep` killed (SIGKILL) while its second trial trains; `--resume` finishes the sweep
     without repeating the finished trial, continuing the interrupted one from its checkpoint."""
-    from rayjobs.pareto import read_csv
     from rayjobs.runlog import read_status
-    from rayjobs.sweep import resume_sweep
+    from rayjobs.tune.pareto import read_csv
+    from rayjobs.tune.sweep import resume_sweep
 
     argv = [sys.executable, "-m", "rayjobs.cli", "sweep", str(SWEEP_YAML), f"run.output_dir={tmp_path}", "sweep.name=killed",
             *SWEEP_FAST, "train.steps=6", "train.eval_every=2", "sweep.max_concurrent=1", "sweep.inference={}",
@@ -197,8 +197,8 @@ def test_resume_after_killing_the_driver(cluster, tmp_path):
 def test_storage_full_during_a_run_fails_after_the_retries_and_keeps_the_last_checkpoint(cluster, tmpfs, tmp_path):
     """The storage fills up at step 3 and stays full: the step-3 upload is tried ray.upload_attempts times, then
     the run stops with one message naming the checkpoint and the reason; step 2's checkpoint stays loadable."""
-    from rayjobs.checkpoint import verify
     from rayjobs.errors import TrainingStopped
+    from rayjobs.training.checkpoint import verify
 
     store = tmpfs("store", "16m")
     fault = ["reward.name=faults:FillDisk", f"reward.kwargs={{at_call: 3, directory: '{store}'}}"]
@@ -214,7 +214,7 @@ def test_storage_full_during_a_run_fails_after_the_retries_and_keeps_the_last_ch
 
 def test_a_transient_storage_outage_is_retried_and_the_run_completes(cluster, tmpfs, tmp_path):
     """The storage is full for 1 s at step 3: the upload's retry after ray.upload_backoff_s lands it."""
-    from rayjobs.checkpoint import verify
+    from rayjobs.training.checkpoint import verify
 
     store = tmpfs("store", "16m")
     fault = ["reward.name=faults:FillDisk", f"reward.kwargs={{at_call: 3, directory: '{store}', free_after: 1.0}}"]

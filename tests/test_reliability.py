@@ -13,14 +13,13 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from rayjobs import checkpoint
 from rayjobs.config import load_config
-from rayjobs.loop import LocalContext, Worker, train_loop
 from rayjobs.runlog import STOP_FILE, read_metrics
+from rayjobs.training import checkpoint
+from rayjobs.training.loop import LocalContext, Worker, train_loop
 
 sys.path.insert(0, str(Path(__file__).parent))  # for 'faults:...' rewards
 import rayrun  # noqa: E402  (the short toy run's overrides; no Ray started here)
-
 
 FAST = [*rayrun.FAST, "train.checkpoint_every=1"]
 

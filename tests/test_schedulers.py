@@ -3,12 +3,12 @@
 import pytest
 import torch
 from diffusers import DDIMScheduler, DPMSolverMultistepScheduler, EulerAncestralDiscreteScheduler
+from test_sampler import lora_policy  # a LoRA policy with non-zero adapters
 
 from models.policy import Policy
 from models.sampler import SamplerSettings, sample
 from models.schedulers import SCHEDULERS, make_scheduler, scheduler_for, step_kwargs
 from rewards import build_reward
-from test_sampler import lora_policy  # a LoRA policy with non-zero adapters
 
 PROMPTS = ["a red apple", "a blue car"]
 STEPS = 4

@@ -1,19 +1,20 @@
-"""SDXL (issue 8) on the tiny SDXL-architecture model: conditioning and sampling equal diffusers'
+"""SDXL (docs/sdxl.md) on the tiny SDXL-architecture model: conditioning and sampling equal diffusers'
 StableDiffusionXLPipeline, DRaFT+ and the supervised presets run through the one loop, bad input is refused."""
 
 import pytest
 import torch
 from diffusers import StableDiffusionXLPipeline
+from toydata import write_toy_images
 
-from models.components import build_tiny, load_components, save_components
+from models.components import build_tiny, save_components
 from models.conditioning import Conditioning
+from models.loading import load_components
 from models.policy import Policy
 from models.sampler import SamplerSettings, sample
 from models.schedulers import make_scheduler
 from rayjobs.config import load_config
 from rayjobs.errors import UserError
-from rayjobs.loop import LocalContext, Worker
-from toydata import write_toy_images
+from rayjobs.training.loop import LocalContext, Worker
 
 PROMPTS = ["a red circle", "a blue square on a white background"]
 FAST = ["model.name_or_path=tiny-sdxl", "sampler.steps=3", "sampler.guidance=5.0", "data.eval_prompts=[a red circle]",
@@ -168,12 +169,12 @@ def test_draftplus_step_moves_only_the_unet_lora(tmp_path):
     cfg = load_config(None, FAST + [f"run.output_dir={tmp_path}", "sampler.truncation_steps=2", "optim.warmup_steps=0"])
     worker = Worker(cfg, LocalContext(tmp_path))
     before = _weights(worker)
-    metrics = worker.train_step(0)
-    assert metrics["finite"] == 1.0 and metrics["kl"] == 0.0  # the LoRA is zero at init: policy = reference
+    result = worker.train_step(0)
+    assert result.finite and result.metrics["kl"] == 0.0  # the LoRA is zero at init: policy = reference
     changed = _changed(before, _weights(worker))
     assert changed and all(n.startswith("unet.") and "lora_" in n for n in changed)
     worker.train_step(1)
-    assert worker.train_step(2)["kl"] > 0
+    assert worker.train_step(2).metrics["kl"] > 0
 
 
 def test_dreambooth_lora_on_both_text_encoders_with_new_tokens(tmp_path):
@@ -188,7 +189,7 @@ def test_dreambooth_lora_on_both_text_encoders_with_new_tokens(tmp_path):
     rows = worker.policy.token_rows()
     assert [tuple(r.shape) for r in rows] == [(2, 16), (2, 32)]  # one per encoder, its own width
     before = _weights(worker)
-    assert worker.train_step(0)["finite"] == 1.0
+    assert worker.train_step(0).finite
     changed = _changed(before, _weights(worker))
     assert {n.split(".")[0] for n in changed} == {"unet", "te1", "te2"}
     assert all("lora_" in n or n.endswith("new_rows") for n in changed)
@@ -214,7 +215,7 @@ def test_text_cache_serves_the_pooled_embedding_too(tmp_path):
     ],
 )
 def test_bad_sdxl_options_are_one_line_before_anything_is_written(tmp_path, extra, message):
-    from rayjobs.train import preflight
+    from rayjobs.cluster.preflight import preflight
 
     cfg = load_config(None, FAST + [f"run.output_dir={tmp_path / 'runs'}", *extra])
     with pytest.raises(UserError, match=message):
@@ -242,8 +243,8 @@ TINY_RUN = ["model.name_or_path=tiny-sdxl", "model.dtype=float32", "sampler.step
 def test_each_sdxl_preset_runs_one_step_on_the_tiny_sdxl(tmp_path, preset, exported):
     """Only the model and sizes are overridden: the preset's objective, trainable set, memory switches and
     reward (PickScore needs real weights: swapped for the weight-free colourfulness) run as shipped."""
-    from rayjobs.loop import train_loop
-    from rayjobs.train import preflight
+    from rayjobs.cluster.preflight import preflight
+    from rayjobs.training.loop import train_loop
 
     data = tmp_path / "data"
     write_toy_images(data, 2, captions=False)
@@ -262,19 +263,19 @@ def test_dreambooth_with_prior_draws_class_images_with_the_sdxl_sampler(tmp_path
     cfg = load_config(CONFIGS / "sdxl-dreambooth-lora.yaml", TINY_RUN + [
         f"run.output_dir={tmp_path}", f"data.source={data}", "objective.preset=dreambooth",
         f"data.class_dir={tmp_path / 'class'}", "data.class_prompt=a star", "data.num_class_images=2", "train.batch_size=1"])  # fmt: skip
-    from rayjobs.train import preflight
+    from rayjobs.cluster.preflight import preflight
 
     worker = Worker(preflight(cfg), LocalContext(tmp_path / "run"))
     worker.make_class_images()
     assert len(list((tmp_path / "class").glob("*.png"))) == 2
-    metrics = worker.train_step(0)
-    assert metrics["finite"] == 1.0 and metrics["prior"] > 0
+    result = worker.train_step(0)
+    assert result.finite and result.metrics["prior"] > 0
 
 
 def test_telling_sdxl_from_sd15_never_asks_the_hub_for_local_or_built_in_models(tmp_path, monkeypatch):
     import huggingface_hub
 
-    from models.sdxl import is_sdxl_source
+    from models.loading import is_sdxl_source
 
     def no_network(*args, **kwargs):
         raise AssertionError("asked the hub")

@@ -1,4 +1,4 @@
-"""SDXL exports (issue 8): LoRA (UNet + both text encoders), kohya/SGM LoRA, clip_l/clip_g embeddings,
+"""SDXL exports (docs/exports.md): LoRA (UNet + both text encoders), kohya/SGM LoRA, clip_l/clip_g embeddings,
 text encoders and the full pipeline; each loads into a fresh StableDiffusionXLPipeline and reproduces the
 trained model's images."""
 
@@ -12,6 +12,8 @@ from peft import LoraConfig
 from peft.utils import get_peft_model_state_dict
 from safetensors import safe_open
 from safetensors.torch import load_file
+from toydata import pipe_sample as sample
+from toydata import randomize
 
 from models.export import EXPORT_INFO, LORA_FILE, export
 from models.kohya import KOHYA_FILE, KohyaUnsupportedError, to_kohya
@@ -20,7 +22,6 @@ from models.policy import DEFAULT_LORA_TARGETS, Policy
 from models.sdxl import build_tiny_sdxl
 from models.textual_inversion import TI_FILE, add_placeholder
 from rayjobs.config import TrainableConfig
-from toydata import pipe_sample as sample, randomize
 
 PROMPT = "a photo of <cat> on a mat"
 # every LoRA-able kind of the SDXL UNet: attention, ff, proj_in/out, resnet convs/shortcut/time projection,
@@ -36,7 +37,7 @@ def fresh():
 
 
 def with_placeholder(comps, token="<cat>", num_vectors=2, seed=0):
-    """Add ``token`` to both tokenizers/encoders, as rayjobs/prepare.py does for SDXL."""
+    """Add ``token`` to both tokenizers/encoders, as rayjobs/training/prepare.py does for SDXL."""
     generator = torch.Generator().manual_seed(seed)
     for tok, encoder in zip(comps.tokenizers, comps.text_encoders):
         add_placeholder(tok, encoder, token, num_vectors, None, generator)

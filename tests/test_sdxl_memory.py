@@ -1,4 +1,4 @@
-"""SDXL memory switches change memory, nothing else (issue 8).
+"""SDXL memory switches change memory, nothing else (docs/sdxl.md).
 
 A 1024 px SDXL DRaFT+ step fits a GPU only with the memory switches on: UNet gradient checkpointing
 of the K gradient steps, VAE decoder checkpointing, reward checkpointing, and diffusers' VAE slicing
@@ -50,7 +50,7 @@ def objective(switches: tuple[bool, bool, bool], reward=None) -> Objective:
     settings = SamplerSettings(
         steps=3, guidance=5.0, truncation_steps=2, height=32, width=32, gradient_checkpointing=unet, vae_checkpointing=vae
     )
-    return Objective(Weights(reward=1.0, kl=KL), settings, reward or rewards.build_reward("colorfulness"), reward_checkpointing=rew)
+    return Objective(Weights(reward=1.0, kl_coeff=KL), settings, reward or rewards.build_reward("colorfulness"), reward_checkpointing=rew)
 
 
 def step(policy: Policy, switches: tuple[bool, bool, bool], reward=None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:

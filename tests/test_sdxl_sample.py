@@ -9,20 +9,21 @@ import torch
 from PIL import Image
 from safetensors.torch import save_file
 
-from models.components import build_tiny, load_components
+from models.components import build_tiny
 from models.export import LORA_FILE
+from models.loading import load_components
 from models.sdxl import SDXL_SCHEDULER, build_tiny_refiner, build_tiny_sdxl
-from rayjobs.cli import _parser, main
+from rayjobs.cli import _parser, main, sample_request
 from rayjobs.errors import UserError
-from rayjobs.sample import build_pipeline, generate
+from rayjobs.tools.sample import SampleRequest, build_pipeline, generate
 
 PROMPT = "a red circle"
 
 
-def _args(tmp_path: Path, *extra: str, out: str = "out"):
-    """The Namespace `draftray sample` builds (cli's own parser), 3 steps of the tiny SDXL."""
+def _args(tmp_path: Path, *extra: str, out: str = "out") -> SampleRequest:
+    """The request `draftray sample` builds from its flags (cli's own parser), 3 steps of the tiny SDXL."""
     argv = ["sample", "--model", "tiny-sdxl", "--prompt", PROMPT, "--steps", "3", "--seed", "1", "--out", str(tmp_path / out)]
-    return _parser().parse_args(argv + list(extra))
+    return sample_request(_parser().parse_args(argv + list(extra)))
 
 
 def _pngs(paths) -> list[np.ndarray]:
@@ -49,6 +50,23 @@ def test_sdxl_sample_is_diffusers_sdxl_pipeline(tmp_path):
     assert type(pipe).__name__ == "StableDiffusionXLPipeline"
     hand = pipe(PROMPT, negative_prompt=None, num_inference_steps=3, generator=torch.Generator().manual_seed(1)).images[0]
     assert np.array_equal(first, _pipe_png(hand, tmp_path))
+
+
+def test_python_request_gives_the_cli_image(tmp_path):
+    """A Python caller builds the request itself (no argparse) and gets the PNGs `draftray sample` writes."""
+    argv = ["sample", "--model", "tiny-sdxl", "--prompt", PROMPT, "--steps", "3", "--seed", "4", "--num-images", "2",
+            "--negative-prompt", "blue", "--scheduler", "euler_a", "--out", str(tmp_path / "cli")]  # fmt: skip
+    assert main(argv) == 0
+    request = SampleRequest(model="tiny-sdxl", prompt=PROMPT, steps=3, seed=4, num_images=2, negative_prompt="blue",
+                            scheduler="euler_a", out=tmp_path / "py")  # fmt: skip
+    assert request == sample_request(_parser().parse_args(argv[:-1] + [str(tmp_path / "py")]))
+    paths = generate(request)
+    assert [p.name for p in paths] == ["000_seed4.png", "001_seed5.png"]
+    for path in paths:
+        assert np.array_equal(_pngs([path])[0], _pngs([tmp_path / "cli" / path.name])[0])
+    with pytest.raises(UserError, match="^--steps must be >= 1, got 0$"):  # the same checks, naming the CLI's flags
+        generate(SampleRequest(model="tiny-sdxl", prompt=PROMPT, steps=0, out=tmp_path / "bad"))
+    assert not (tmp_path / "bad").exists()
 
 
 def test_sdxl_sample_with_lora_and_scale(tmp_path):

@@ -109,7 +109,7 @@ def test_submitted_entrypoint_is_quoted():
     """The entrypoint is one shell string on the cluster: every user-given part is shlex-quoted."""
     import shlex
 
-    from rayjobs import submit
+    from rayjobs.cluster import submit
 
     args = SimpleNamespace(config=str(ROOT / "configs" / "tiny.yaml"), overrides=["data.eval_prompts=[a b; touch /tmp/x]"],
                            sweep=False, working_dir=str(ROOT))  # fmt: skip
@@ -177,9 +177,9 @@ def test_load_state_dict_file_refuses_arbitrary_objects(tmp_path):
 
 def test_project_checkpoints_load_tensors_only():
     """optimizer.pt / rng_rank*.pt of the project's own checkpoints: weights_only=True on every load."""
-    from rayjobs import checkpoint
+    from rayjobs.training import checkpoint
 
-    assert unsafe_calls(inspect.getsource(checkpoint), "rayjobs/checkpoint.py") == []
+    assert unsafe_calls(inspect.getsource(checkpoint), "rayjobs/training/checkpoint.py") == []
     assert "weights_only=True" in inspect.getsource(checkpoint)
 
 
@@ -284,7 +284,7 @@ def _secret_config(*more: str):
 
 def test_run_directory_holds_no_secrets(tmp_path, monkeypatch):
     """What prepare_run_dir writes (config.yaml, via rayjobs.config.to_yaml) carries no secret."""
-    from rayjobs.train import prepare_run_dir
+    from rayjobs.cluster.driver import prepare_run_dir
 
     for k, v in SENTINELS.items():
         monkeypatch.setenv(k, v)
@@ -301,7 +301,7 @@ def test_run_directory_holds_no_secrets(tmp_path, monkeypatch):
 
 
 def test_submit_keeps_env_secrets_out_of_the_job(monkeypatch):
-    from rayjobs import submit
+    from rayjobs.cluster import submit
 
     for k, v in SENTINELS.items():
         monkeypatch.setenv(k, v)
@@ -316,7 +316,7 @@ def test_submit_keeps_env_secrets_out_of_the_job(monkeypatch):
 @pytest.mark.parametrize("override", [f"reward.kwargs.token={CONFIG_SECRETS[0]}",
                                       f"ray.storage_path=s3://AKIDEXAMPLE:{CONFIG_SECRETS[1]}@bucket/runs"])  # fmt: skip
 def test_submit_refuses_a_credential_in_an_override(override):
-    from rayjobs import submit
+    from rayjobs.cluster import submit
     from rayjobs.errors import UserError
 
     args = SimpleNamespace(config=str(ROOT / "configs" / "tiny.yaml"), overrides=[override], sweep=False, working_dir=str(ROOT))

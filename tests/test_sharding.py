@@ -1,6 +1,6 @@
 """ray.strategy ddp | fsdp | deepspeed (ZeRO-2, ZeRO-3) on 2 CPU processes (gloo), no Ray: same loss curve, sharded resume.
 
-Each case runs rayjobs.loop.train_loop in 2 spawned processes with a small WorkerContext that merges
+Each case runs rayjobs.training.loop.train_loop in 2 spawned processes with a small WorkerContext that merges
 every rank's checkpoint directory into one (as Ray Train V2 does), on the embedded toy model with
 ``trainable.kind: full``. The first run of DeepSpeed JIT-compiles a small comm op (cached afterwards).
 """
@@ -22,7 +22,6 @@ import torch.multiprocessing as mp
 
 from rayjobs.config import load_config
 from rayjobs.errors import UserError
-
 
 FAST = [
     "trainable.kind=full",
@@ -64,7 +63,7 @@ def _worker(rank: int, world: int, port: int, run_dir: str, overrides: list[str]
     torch.set_num_threads(1)
     dist.init_process_group("gloo", rank=rank, world_size=world)
     try:
-        from rayjobs.loop import train_loop
+        from rayjobs.training.loop import train_loop
 
         cfg = load_config(None, FAST + [f"run.output_dir={run_dir}", *overrides])
         train_loop(cfg, Path(run_dir), MergedContext(rank, world, Path(run_dir)))
@@ -161,7 +160,7 @@ def test_deepspeed_zero3_matches_ddp_resumes_and_exports_the_gathered_weights(dd
     pytest.importorskip("deepspeed")
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
-    from rayjobs import sharding
+    from rayjobs.training import sharding
 
     monkeypatch.setattr(sharding.DeepSpeed, "persistence_threshold", 0)
     run, zero3 = tmp_path / "run", ("ray.strategy=deepspeed", "ray.zero_stage=3")

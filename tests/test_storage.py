@@ -1,13 +1,14 @@
-"""Storage faults without Ray (issue 9): a read-only or full output path or storage, a missing bucket, and the
+"""Storage faults without Ray (docs/reliability.md): a read-only or full output path or storage, a missing bucket, and the
 retry of a failed upload (the read-only and full rows of docs/errors.md are in tests/test_errors.py). The filesystems are real tmpfs mounts (conftest.py ``tmpfs``): ENOSPC and EROFS come
 from the kernel. The same faults during a Ray run are in tests/test_ray_faults.py."""
 
 import pyarrow.fs as pafs
 import pytest
-
 from faults import fill
+
+from rayjobs.cluster.storage import PROBE_BYTES, StorageError, check_writable, retrying
 from rayjobs.errors import UserError
-from rayjobs.storage import PROBE_BYTES, StorageError, check_writable, retrying
+
 
 def test_a_filesystem_with_less_than_the_probe_free_is_full(tmpfs):
     almost = tmpfs("almost", "4m")

@@ -8,11 +8,11 @@ from pathlib import Path
 import pytest
 import torch
 from PIL import Image
+from toydata import write_toy_images
 
 from rayjobs.config import load_config
-from rayjobs.loop import LocalContext, Worker, train_loop
 from rayjobs.runlog import read_metrics
-from toydata import write_toy_images
+from rayjobs.training.loop import LocalContext, Worker, train_loop
 
 FAST = ["sampler.steps=3", "data.eval_prompts=[a red circle]", "data.eval_seeds=[0,1]", "train.batch_size=2", "train.eval_every=0"]
 
@@ -42,8 +42,7 @@ def _train(cfg, run_dir: Path, steps: int) -> Worker:
     worker = Worker(cfg, LocalContext(run_dir))
     worker.make_class_images()
     for step in range(steps):
-        metrics = worker.train_step(step)
-        assert metrics["finite"] == 1.0
+        assert worker.train_step(step).finite
     return worker
 
 
@@ -57,7 +56,7 @@ def test_lora_finetune_moves_only_lora_and_reads_captions(tmp_path):
     batch = worker.batch(0, 0)
     assert set(batch) == {"generator", "latents", "captions"} and batch["latents"].shape == (2, 4, 8, 8)
     assert all(c in (data / f"{i:03d}.txt").read_text() or True for i, c in enumerate(batch["captions"]))
-    metrics = worker.train_step(0)
+    metrics = worker.train_step(0).metrics
     assert "denoise" in metrics and "reward" not in metrics
     changed = _changed(before, _weights(worker))
     assert changed and all("lora_" in n for n in changed)
@@ -77,7 +76,7 @@ def test_dreambooth_generates_class_images_and_trains_with_prior(tmp_path):
     assert Image.open(classes / "class_00000.png").size == (32, 32)
     batch = worker.batch(1, 0)
     assert batch["captions"] == ["a sks circle"] * 2 and batch["class_prompts"] == ["a circle"] * 2
-    metrics = worker.train_step(1)
+    metrics = worker.train_step(1).metrics
     assert {"denoise", "prior"} <= set(metrics)
     assert snapshot(instance) == before_files
     again = Worker(cfg, LocalContext(tmp_path))
@@ -163,7 +162,7 @@ def test_mixed_objective_reward_with_supervised_anchor(tmp_path):
     cfg = _cfg(tmp_path, "objective.denoise_weight=0.5", f"data.source={data}", "sampler.truncation_steps=1")
     worker = Worker(cfg, LocalContext(tmp_path))
     assert {"prompts", "latents", "captions"} <= set(worker.batch(0, 0))
-    metrics = worker.train_step(0)
+    metrics = worker.train_step(0).metrics
     assert {"reward", "kl", "denoise"} <= set(metrics)
 
 
@@ -198,8 +197,8 @@ def test_bad_supervised_config_names_the_field(tmp_path, extra, message):
 
 
 def test_bad_image_stops_before_training_naming_the_file(tmp_path):
+    from rayjobs.cluster.preflight import preflight
     from rayjobs.errors import UserError
-    from rayjobs.train import preflight
 
     data = tmp_path / "data"
     write_toy_images(data, 2)
@@ -247,7 +246,7 @@ def test_cached_latents_are_drawn_from_the_same_posterior(tmp_path):
 
 def test_toy_dataset_command_writes_each_layout(tmp_path, capsys):
     from rayjobs.cli import main
-    from rayjobs.data import check_records, load_records
+    from rayjobs.data.load import check_records, load_records
 
     for kind in ("captions", "subject", "edits"):
         assert main(["toy", "dataset", "--kind", kind, "--n", "3", "--out", str(tmp_path / kind)]) == 0

@@ -5,10 +5,11 @@ from pathlib import Path
 import pytest
 from ray import tune
 
+from rayjobs.cluster.driver import check_resources
 from rayjobs.config import load_config
-from rayjobs.config_sweep import ParamSpec
+from rayjobs.config.sweep import ParamSpec
 from rayjobs.errors import UserError
-from rayjobs.sweep import check_resources, check_sweep, trial_config, tune_space
+from rayjobs.tune.sweep import check_sweep, trial_config, tune_space
 
 CONFIGS = Path(__file__).parents[1] / "configs"
 
@@ -47,7 +48,7 @@ def test_trial_config_sets_values_name_and_drops_sweep(tmp_path):
     cfg = load_config(CONFIGS / "toy-kl-sweep.yaml")
     base = cfg.model_dump(mode="json")
     trial = trial_config(base, {"objective.kl_coeff": 0.03, "optim.lr": 1e-5}, "t7", str(tmp_path))
-    assert trial.objective.beta == 0.03 and trial.optim.lr == 1e-5  # 1e-5 stays a float (no YAML round trip)
+    assert trial.objective.weights.kl_coeff == 0.03 and trial.optim.lr == 1e-5  # 1e-5 stays a float (no YAML round trip)
     assert trial.run.name == "t7" and trial.run.output_dir == str(tmp_path)
     assert trial.sweep is None
     assert trial.train.checkpoint_every == trial.train.eval_every == 10  # sweep.checkpoint_evals: a checkpoint per point
@@ -103,7 +104,7 @@ def test_bad_swept_key_or_value_fails_before_any_trial():
 
 
 def test_sweep_without_section_is_a_clear_error():
-    from rayjobs.sweep import run_sweep
+    from rayjobs.tune.sweep import run_sweep
 
     with pytest.raises(UserError, match="no sweep section"):
         run_sweep(load_config(None))
@@ -112,7 +113,7 @@ def test_sweep_without_section_is_a_clear_error():
 def test_progress_line_of_a_diverged_trial(tmp_path, capsys):
     """metrics.jsonl keeps a non-finite metric as the string 'nan'/'inf'; the sweep's progress printer shows it
     (the 50-trial load bench found the printer thread dying on one)."""
-    from rayjobs.sweep import SweepProgress
+    from rayjobs.tune.sweep import SweepProgress
 
     trial = tmp_path / "trials" / "t0"
     trial.mkdir(parents=True)

@@ -1,11 +1,12 @@
-"""The shipped toy world weights (issue 3): the reward model measures what it claims, the diffusion model
+"""The shipped toy world weights (docs/toy-world.md): the reward model measures what it claims, the diffusion model
 loads with diffusers' own from_pretrained and draws what its captions say."""
 
 import pytest
 import torch
 
 import rewards
-from models.components import TOY, TOY_DIR, load_components
+from models.components import TOY, TOY_DIR
+from models.loading import load_components
 from rewards.toy import WEIGHTS, caption_match, load_toy_net
 from rewards.toy_train import evaluate_toy_net
 from rewards.toyworld import Scene, ToyWorld, render

@@ -1,4 +1,4 @@
-"""The toy world (issue 3): deterministic per seed, captions parse back, shapes render where the scene says."""
+"""The toy world (docs/toy-world.md): deterministic per seed, captions parse back, shapes render where the scene says."""
 
 import math
 

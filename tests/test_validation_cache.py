@@ -6,16 +6,16 @@ import json
 import pytest
 import torch
 from PIL import Image
+from toydata import finetune_worker, write_toy_images
 
 from models.ip2p import edit
-from rayjobs import text_cache
+from rayjobs.cluster.preflight import preflight
 from rayjobs.config import load_config
+from rayjobs.data import text_cache
+from rayjobs.data.images import eval_pixels
 from rayjobs.errors import UserError
-from rayjobs.loop import LocalContext, Worker, train_loop
 from rayjobs.runlog import read_metrics
-from rayjobs.train import preflight
-from rayjobs.validation import eval_pixels
-from toydata import finetune_worker, write_toy_images
+from rayjobs.training.loop import LocalContext, Worker, train_loop
 
 FAST = ["sampler.steps=3", "data.eval_prompts=[make it red, make it blue]", "data.eval_seeds=[0,1]", "train.batch_size=2", "train.eval_every=0"]
 
@@ -94,7 +94,7 @@ def test_a_cached_run_trains_as_an_uncached_one(tmp_path):
     plain = _caption_worker(tmp_path / "plain", "optim.lr=1e-2")
     cached = _caption_worker(tmp_path / "cached", "optim.lr=1e-2", "data.cache_text_embeddings=true")
     for step in range(2):
-        a, b = plain.train_step(step), cached.train_step(step)
+        a, b = plain.train_step(step).metrics, cached.train_step(step).metrics
         assert a["loss"] == pytest.approx(b["loss"], rel=1e-5)
     for name, p in plain.policy.named_trainable().items():
         assert torch.allclose(p, cached.policy.named_trainable()[name], atol=1e-5)

@@ -23,7 +23,7 @@ def write_toy_images(folder: Path, n: int, captions: bool = True, seed: int = 0)
 def finetune_worker(tmp_path: Path, base: list[str], *extra: str, n: int = 2):
     """A Worker of the finetune preset on n toy captioned images in tmp_path/data (LocalContext, no Ray)."""
     from rayjobs.config import load_config
-    from rayjobs.loop import LocalContext, Worker
+    from rayjobs.training.loop import LocalContext, Worker
 
     data = tmp_path / "data"
     write_toy_images(data, n)
