@@ -37,17 +37,28 @@ REWARDS: dict[str, Callable[..., Reward]] = {}
 DIVERSITY_METRICS: dict[str, Callable[..., DiversityMetric]] = {}
 
 
+# Set on every registered builder (and so inherited by subclasses of a registered class): the mark a
+# 'module:Attr' plug-in must carry before it is called or instantiated (docs/security.md, "Plug-ins").
+KIND_MARK = "__draftray_kind__"
+
+
 def register_reward(name: str):
+    """Registers a reward builder (a class or a function returning a Reward) under ``name``."""
+
     def deco(builder):
         REWARDS[name] = builder
+        setattr(builder, KIND_MARK, "reward")
         return builder
 
     return deco
 
 
 def register_diversity(name: str):
+    """Registers a diversity-metric builder under ``name``."""
+
     def deco(builder):
         DIVERSITY_METRICS[name] = builder
+        setattr(builder, KIND_MARK, "diversity metric")
         return builder
 
     return deco
@@ -60,9 +71,18 @@ def _lookup(table: dict, kind: str, name: str):
     if ":" in name:
         module, _, attr = name.partition(":")
         try:
-            return getattr(importlib.import_module(module), attr)
+            builder = getattr(importlib.import_module(module), attr)  # importing runs the module: a config naming one is code
         except (ImportError, AttributeError) as err:
             raise UnknownNameError(f"{kind} {name!r}: cannot import ({err})") from None
+        # Only what declares itself a builder of this kind is ever called: any other callable (os:system,
+        # subprocess:run, builtins:eval) would run with the config's kwargs as its arguments.
+        if getattr(builder, KIND_MARK, None) != kind:
+            register = "register_reward" if kind == "reward" else "register_diversity"
+            raise UnknownNameError(
+                f"{kind} {name!r} is not a registered {kind}: decorate it with @rewards.{register}(name) "
+                f"or subclass a registered one (docs/rewards.md)"
+            )
+        return builder
     raise UnknownNameError(f"unknown {kind} {name!r}; known: {', '.join(sorted(table))} (or 'module:Attr')")
 
 

@@ -15,11 +15,44 @@ Layouts of ``source`` and the prompt files: docs/data.md. Derived sizes:
 
 from __future__ import annotations
 
-from typing import Literal
+import os
+import stat
+from typing import Annotated, Literal
 
-from pydantic import Field, model_validator
+from pydantic import AfterValidator, Field, model_validator
 
-from rayjobs.config.base import Strict
+from rayjobs.config.base import Seed, Strict
+
+# The longest prompt accepted, in characters (prompts, eval_prompts, each prompt of data.prompts_file). The
+# text encoder reads 77 tokens (a few hundred characters); far longer text is a mistake (a file without
+# line breaks), and the up-front tokenizer pass over it would take minutes.
+MAX_PROMPT_CHARS = 10_000
+Prompt = Annotated[str, Field(max_length=MAX_PROMPT_CHARS)]
+
+
+def special_file(path: str | os.PathLike) -> str | None:
+    """What ``path`` is when it exists but is neither a regular file nor a directory ('a FIFO (named pipe)',
+    ...); None otherwise. Only stats: opening a FIFO would block until something writes to it."""
+    try:
+        mode = os.stat(os.path.expanduser(path)).st_mode
+    except (OSError, ValueError):
+        return None  # missing (the reader says so) or not a path at all
+    if stat.S_ISREG(mode) or stat.S_ISDIR(mode):
+        return None
+    kinds = [(stat.S_ISFIFO, "a FIFO (named pipe)"), (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"),
+             (stat.S_ISSOCK, "a socket")]  # fmt: skip
+    return next((kind for test, kind in kinds if test(mode)), "not a regular file")
+
+
+def _readable_path(value: str) -> str:
+    kind = special_file(value)
+    if kind is not None:
+        raise ValueError(f"{kind}, not a regular file or folder: reading it could wait forever; give a file or folder")
+    return value
+
+
+# A path the run reads up front (preflight): refused when it is a FIFO, device or socket.
+InputPath = Annotated[str, AfterValidator(_readable_path)]
 
 # Toy-world captions (rewards/toyworld.py): the shipped toy model was trained on this grammar.
 # Training prompts name shape and colour, sometimes size and background; the rest is left to the seed.
@@ -40,16 +73,20 @@ EVAL_PROMPTS = [
 
 class DataConfig(Strict):
     # -- prompts (reward terms) --
-    prompts: list[str] = Field(TRAIN_PROMPTS, min_length=1, description="training prompts, drawn uniformly (ignored when prompts_file is set)")
-    prompts_file: str | None = Field(
+    prompts: list[Prompt] = Field(
+        TRAIN_PROMPTS, min_length=1, description="training prompts, drawn uniformly (ignored when prompts_file is set); each at most 10,000 characters"
+    )
+    prompts_file: InputPath | None = Field(
         None,
         description="replaces prompts: a text file (one prompt per line), a JSONL file (prompts_key of each object), or a "
-        "webdataset .tar of <key>.txt / <key>.json samples (NeMo-Aligner's DRaFT+ format)",
+        "webdataset .tar of <key>.txt / <key>.json samples (NeMo-Aligner's DRaFT+ format); each prompt at most 10,000 characters",
     )
     prompts_key: str | None = Field(None, description="the prompt's key in JSONL objects and .json tar members; None = 'prompt' (JSONL), 'txt' (tar)")
-    eval_prompts: list[str] = Field(EVAL_PROMPTS, min_length=1, description="fixed evaluation prompts (rows of the sample grid)")
-    eval_seeds: list[int] = Field([0, 1, 2, 3, 4, 5], min_length=2, description="one image per seed per eval prompt (grid columns); >= 2 for diversity")
-    eval_images: list[str] = Field(
+    eval_prompts: list[Prompt] = Field(EVAL_PROMPTS, min_length=1, description="fixed evaluation prompts (rows of the sample grid)")
+    eval_seeds: list[Seed] = Field(
+        [0, 1, 2, 3, 4, 5], min_length=2, description="one image per seed per eval prompt (grid columns); >= 2 for diversity; 0 <= seed < 2**32"
+    )
+    eval_images: list[InputPath] = Field(
         [],
         description="InstructPix2Pix validation: input images edited at every evaluation, each by every eval prompt read as "
         "an instruction (seed eval_seeds[0]); one row per image in samples/edits_step_<N>.png, the input first",
@@ -57,7 +94,7 @@ class DataConfig(Strict):
     eval_image_guidance: float = Field(1.5, ge=0, description="image guidance scale s_I of those validation edits")
 
     # -- images (denoise term) --
-    source: str | None = Field(
+    source: InputPath | None = Field(
         None,
         description="image dataset of the denoise term: a folder of images with .txt captions, an imagefolder with "
         "metadata.jsonl, .parquet file(s), or a save_to_disk folder (docs/data.md)",
@@ -70,7 +107,7 @@ class DataConfig(Strict):
     fixed_caption: str | None = Field(
         None, description="one caption for every image, captions not read (DreamBooth's instance prompt, e.g. 'a photo of sks dog')"
     )
-    instruction_templates: str | None = Field(
+    instruction_templates: InputPath | None = Field(
         None,
         description="YAML/JSON file mapping an instruction to a list of synonymous ones; each training sample whose caption "
         "is a key uses one of them (or the key) drawn at random (InstructPix2Pix instruction tuning)",
@@ -113,7 +150,7 @@ class DataConfig(Strict):
     )
 
     # -- class images (prior term, DreamBooth prior preservation) --
-    class_dir: str | None = Field(
+    class_dir: InputPath | None = Field(
         None,
         description="folder of class images; when it holds fewer than num_class_images the base model generates the rest "
         "into it (class_prompt, seeds from train.seed), as diffusers' DreamBooth does",

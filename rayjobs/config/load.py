@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import re
+import reprlib
+import stat
 from pathlib import Path
 from typing import Any
 
@@ -32,14 +34,37 @@ def validate(data: dict, where: str = "config") -> Config:
         return Config.model_validate(data)
     except ValidationError as err:
         e = err.errors()[0]
-        field = ".".join(str(p) for p in e["loc"]) or "(top level)"
+        field = _clip(".".join(str(p) for p in e["loc"])) or "(top level)"  # a key may be any (long) YAML value
         if e["type"] == "extra_forbidden":
             raise UserError(f"{where} {field}: unknown key{_did_you_mean(e['loc'])} (see rayjobs/config/root.py for the fields)") from None
         msg = e["msg"].removeprefix("Value error, ")
         if not e["loc"] and re.match(r"^[a-z_]+\.[a-z_.]+: ", msg):  # a cross-section check names its own field
-            raise UserError(f"{where} {msg}") from None
-        got = "" if isinstance(e["input"], dict) else f" (got {e['input']!r})"
-        raise UserError(f"{where} {field}: {msg}{got}") from None
+            raise UserError(f"{where} {_clip(msg, 500)}") from None
+        got = "" if isinstance(e["input"], dict) else f" (got {short_repr(e['input'])})"
+        raise UserError(f"{where} {field}: {_clip(msg, 500)}{got}") from None
+
+
+ECHO_CHARS = 200  # the most of a bad value an error message repeats
+
+
+def short_repr(value: Any, limit: int = ECHO_CHARS) -> str:
+    """repr(value), at most ``limit`` characters (then '…'): a 100 MB string or a huge list stays one short line.
+    reprlib bounds the work as well as the text (it never builds the full repr)."""
+    r = reprlib.Repr()
+    r.maxstring = r.maxother = r.maxlong = limit
+    r.maxlist = r.maxtuple = r.maxdict = r.maxset = r.maxfrozenset = r.maxdeque = r.maxarray = 20
+    r.maxlevel = 4
+    try:
+        text = r.repr(value)
+    except ValueError:  # an int too long for repr (Python caps int-to-text conversion at 4300 digits)
+        text = f"an integer of {value.bit_length()} bits" if isinstance(value, int) else type(value).__name__
+    return _clip(text, limit)
+
+
+def _clip(text: str, limit: int = ECHO_CHARS) -> str:
+    """One line of at most ``limit`` characters (then '…')."""
+    text = " ".join(str(text).splitlines())
+    return text if len(text) <= limit else text[:limit] + "…"
 
 
 def _did_you_mean(loc: tuple) -> str:
@@ -68,20 +93,126 @@ def _did_you_mean(loc: tuple) -> str:
     return f"; did you mean {close[0]}?" if close else ""
 
 
+MAX_FILE_BYTES = 1 << 20  # a config file is a few KiB; prompts and data lists belong in data files
+MAX_NODES = 1_000_000  # values one YAML document may expand to, each alias use counted in full
+
+
+class YAMLTooLarge(Exception):
+    """A YAML document whose aliases expand beyond MAX_NODES values (or into themselves)."""
+
+
+class DuplicateKeyError(yaml.constructor.ConstructorError):
+    pass
+
+
+class ConfigLoader(yaml.SafeLoader):
+    """yaml.SafeLoader (still only plain data) that refuses a key given twice in one mapping -- safe_load
+    keeps the last one silently -- and a document whose aliases expand it beyond MAX_NODES values
+    (nested aliases, "billion laughs": 500 bytes that validation and error messages would walk as 10**9 items)."""
+
+    def construct_document(self, node):
+        _count_nodes(node)
+        return super().construct_document(node)
+
+    def construct_mapping(self, node, deep=False):
+        if isinstance(node, yaml.MappingNode):
+            seen: dict = {}
+            for key_node, _ in node.value:
+                if key_node.tag == "tag:yaml.org,2002:merge":
+                    continue  # `<<: *base` keys may be overridden by explicit ones: YAML's merge, not a duplicate
+                key = self.construct_object(key_node, deep=True)
+                try:
+                    first = seen.get(key)
+                except TypeError:
+                    continue  # an unhashable key: SafeLoader refuses it with its own message
+                if first is not None:
+                    again = key_node.start_mark.line
+                    lines = f"on line {first + 1} and line {again + 1}" if first != again else f"on line {again + 1}"
+                    raise DuplicateKeyError(None, None, f"key {short_repr(key, 60)} given twice, {lines}; keep one", key_node.start_mark)
+                seen[key] = key_node.start_mark.line
+        return super().construct_mapping(node, deep=deep)
+
+    def construct_huge_int(self, node):
+        try:
+            return self.construct_yaml_int(node)
+        except ValueError:  # Python refuses to parse integers of more than 4300 digits
+            raise yaml.constructor.ConstructorError(None, None, "an integer of more than 4300 digits", node.start_mark) from None
+
+
+ConfigLoader.add_constructor("tag:yaml.org,2002:int", ConfigLoader.construct_huge_int)
+
+
+def _count_nodes(root) -> None:
+    """Raise YAMLTooLarge when the node graph, aliases expanded, has more than MAX_NODES nodes (or a cycle).
+    Iterative, with each shared node's expanded size computed once, so the bomb itself is never expanded."""
+    sizes: dict[int, int] = {}
+    on_path: set[int] = set()
+    stack = [(root, False)]
+    while stack:
+        node, done = stack.pop()
+        key = id(node)
+        children = [n for pair in node.value for n in pair] if isinstance(node, yaml.MappingNode) else (
+            node.value if isinstance(node, yaml.SequenceNode) else [])  # fmt: skip
+        if done:
+            on_path.discard(key)
+            sizes[key] = 1 + sum(sizes[id(c)] for c in children)
+            if sizes[key] > MAX_NODES:
+                raise YAMLTooLarge
+            continue
+        if key in sizes:
+            continue
+        if key in on_path:
+            raise YAMLTooLarge  # an alias inside its own anchor: an infinite structure
+        on_path.add(key)
+        stack.append((node, True))
+        stack.extend((c, False) for c in children if id(c) not in sizes)
+
+
+def parse_yaml(text: str) -> Any:
+    """YAML text -> plain data with ConfigLoader (raises yaml.YAMLError, YAMLTooLarge, RecursionError)."""
+    loader = ConfigLoader(text)
+    try:
+        return loader.get_single_data()
+    finally:
+        loader.dispose()
+
+
+def _read_text(path: Path) -> str:
+    """The file's text; UserError unless it is a regular UTF-8 file of at most MAX_FILE_BYTES."""
+    try:
+        mode = path.stat().st_mode
+        if not stat.S_ISREG(mode):  # a FIFO would block open() until something writes to it
+            what = "a folder" if stat.S_ISDIR(mode) else "not a regular file (a FIFO, device or socket)"
+            raise UserError(f"config file {path}: {what}; give a YAML file")
+        with path.open("rb") as f:
+            raw = f.read(MAX_FILE_BYTES + 1)
+    except OSError as err:
+        raise UserError(f"config file {path}: cannot read ({err.strerror or err})") from None
+    if len(raw) > MAX_FILE_BYTES:
+        raise UserError(f"config file {path}: larger than {MAX_FILE_BYTES >> 20} MiB; a config holds settings, "
+                        "put long lists in files (data.prompts_file)")  # fmt: skip
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise UserError(f"config file {path}: not UTF-8 text (byte {err.start}: {err.reason}); save it as UTF-8") from None
+
+
 def _read_yaml(path: Path, chain: tuple[Path, ...] = ()) -> dict:
     if path.resolve() in chain:
         raise UserError(f"config file {path}: 'extends' forms a cycle")
+    text = _read_text(path)
     try:
-        text = path.read_text(encoding="utf-8")
-    except OSError as err:
-        raise UserError(f"config file {path}: cannot read ({err.strerror or err})") from None
-    try:
-        data = yaml.safe_load(text)
+        data = parse_yaml(text)
     except yaml.YAMLError as err:
         mark = getattr(err, "problem_mark", None)
         at = f"line {mark.line + 1}, column {mark.column + 1}: " if mark is not None else ""
         what = getattr(err, "problem", None) or str(err).splitlines()[0]
         raise UserError(f"config file {path}: not valid YAML ({at}{what}); fix the file there") from None
+    except YAMLTooLarge:
+        raise UserError(f"config file {path}: its aliases (*name) expand to more than {MAX_NODES:,} values (or into "
+                        "themselves); write the values out instead") from None  # fmt: skip
+    except RecursionError:
+        raise UserError(f"config file {path}: nested too deeply; fix the file") from None
     if data is None:
         return {}
     if not isinstance(data, dict):
@@ -104,13 +235,19 @@ def _merge(base: dict, top: dict) -> dict:
 def apply_override(data: dict, item: str) -> None:
     """``key=value`` (value parsed as YAML) into the nested dict ``data``."""
     key, sep, raw = item.partition("=")
+    where = f"override {short_repr(item)}"
     if not sep or not key:
-        raise UserError(f"override {item!r}: expected key=value with a dotted key, e.g. objective.kl_coeff=0.5")
+        raise UserError(f"{where}: expected key=value with a dotted key, e.g. objective.kl_coeff=0.5")
     try:
-        value = yaml.safe_load(raw) if raw else ""
+        value = parse_yaml(raw) if raw else ""
+    except DuplicateKeyError as err:
+        raise UserError(f"{where}: {err.problem}") from None
     except yaml.YAMLError:
-        value = raw
-    set_dotted(data, key, value, f"override {item!r}")
+        value = raw  # not YAML: the text itself (a run name, a path)
+    except (YAMLTooLarge, RecursionError):
+        raise UserError(f"{where}: the value's aliases (*name) expand to more than {MAX_NODES:,} values, or it is nested "
+                        "too deeply; write the value out") from None  # fmt: skip
+    set_dotted(data, key, value, where)
 
 
 def set_dotted(data: dict, key: str, value: Any, where: str = "") -> None:

@@ -14,11 +14,11 @@ rayjobs/config/sweep.py (sweep). Derived sizes:
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Literal
 
 from pydantic import Field, model_validator
 
-from rayjobs.config.base import Strict
+from rayjobs.config.base import DirName, Seed, Strict
 from rayjobs.config.cluster import RayConfig
 from rayjobs.config.data import DataConfig
 from rayjobs.config.model import MemoryConfig, ModelConfig
@@ -84,9 +84,13 @@ class Phase(Strict):
     lr: dict[str, float] = Field(..., min_length=1, description="parameter group (unet, text_encoder, tokens) -> its learning rate in this phase")
 
 
+# torch.optim.AdamW raises on a beta outside [0, 1) -- in a worker, after Ray started: checked here instead.
+Beta = Annotated[float, Field(ge=0, lt=1)]
+
+
 class OptimConfig(Strict):
     lr: float = Field(1e-3, gt=0, description="AdamW peak learning rate")
-    betas: tuple[float, float] = Field((0.9, 0.999), description="AdamW betas")
+    betas: tuple[Beta, Beta] = Field((0.9, 0.999), description="AdamW betas (beta1, beta2), each 0 <= beta < 1")
     weight_decay: float = Field(0.0, ge=0, description="AdamW decoupled weight decay")
     eps: float = Field(1e-8, gt=0, description="AdamW epsilon")
     warmup_steps: int = Field(5, ge=0, description="linear warmup from 0 to lr, optimizer steps")
@@ -121,7 +125,9 @@ class TrainConfig(Strict):
     grad_accum: int = Field(1, ge=1, description="micro-batches per optimizer step, per worker")
     eval_every: int = Field(25, ge=0, description="optimizer steps between evaluations (0: only before and after training)")
     checkpoint_every: int = Field(50, ge=1, description="optimizer steps between checkpoints (and always at the end)")
-    seed: int = Field(0, description="base seed; rank r draws prompts and noise from a seed mixed from (seed, r, step, micro-batch)")
+    seed: Seed = Field(
+        0, description="base seed, 0 <= seed < 2**32; rank r draws prompts and noise from a seed mixed from (seed, r, step, micro-batch)"
+    )
     on_nonfinite: Literal["stop", "skip"] = Field(
         "stop",
         description="a non-finite reward, loss or gradient norm (on any rank): 'stop' ends the run with a message naming the step, "
@@ -132,7 +138,10 @@ class TrainConfig(Strict):
 
 
 class RunConfig(Strict):
-    name: str | None = Field(None, pattern=r"^[A-Za-z0-9._-]+$", description="run directory name; starting a run with an existing name resumes it. None = <preset>-<timestamp>")
+    name: DirName | None = Field(
+        None, description="run directory name (letters, digits, ._-; not dots alone); starting a run with an existing name resumes it. "
+        "None = <preset>-<timestamp>"
+    )
     output_dir: str = Field("runs", description="parent directory of run directories")
 
 

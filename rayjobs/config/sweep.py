@@ -6,7 +6,7 @@ from typing import Any, Literal
 
 from pydantic import Field, model_validator
 
-from rayjobs.config.base import Strict
+from rayjobs.config.base import DirName, Seed, Strict
 
 
 class ParamSpec(Strict):
@@ -66,10 +66,12 @@ class SweepConfig(Strict):
     candidate point (reward, diversity) of the Pareto front.
     """
 
-    name: str | None = Field(None, pattern=r"^[A-Za-z0-9._-]+$", description="sweep directory name under run.output_dir; None = sweep-<timestamp>")
+    name: DirName | None = Field(
+        None, description="sweep directory name under run.output_dir (letters, digits, ._-; not dots alone); None = sweep-<timestamp>"
+    )
     params: dict[str, ParamSpec] = Field(..., min_length=1, description="dotted config key (e.g. objective.kl_coeff) -> how to draw it")
     num_samples: int = Field(1, ge=1, description="Tune samples: repeats of the grid; draws of choice/uniform/loguniform keys")
-    seed: int = Field(0, description="seed of the random draws")
+    seed: Seed = Field(0, description="seed of the random draws, 0 <= seed < 2**32 (numpy's RandomState range)")
     max_concurrent: int | None = Field(
         None, ge=1, description="trials at once; None = cluster CPUs (GPUs with ray.use_gpu) // what one trial's workers take"
     )

@@ -119,12 +119,22 @@ def _has_images(folder: str | None) -> bool:
 
 def load_templates(path: str | None) -> dict[str, list[str]]:
     """data.instruction_templates: {instruction: [synonymous instructions]} from YAML/JSON."""
+    from rayjobs.config.data import special_file
+    from rayjobs.config.load import YAMLTooLarge, parse_yaml
+    from rayjobs.data.records import one_line
+
     if path is None:
         return {}
+    kind = special_file(path)
+    if kind is not None:  # opening a FIFO blocks until something writes to it
+        raise UserError(f"data.instruction_templates {path}: {kind}, not a regular file; give a YAML or JSON file")
     try:
-        data = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
+        data = parse_yaml(Path(path).read_text(encoding="utf-8"))  # duplicate keys and alias bombs refused as in configs
     except (OSError, UnicodeDecodeError, yaml.YAMLError) as err:
-        raise UserError(f"data.instruction_templates {path}: cannot read ({getattr(err, 'strerror', None) or err})") from None
+        raise UserError(one_line(f"data.instruction_templates {path}: cannot read ({getattr(err, 'strerror', None) or err})")) from None
+    except (YAMLTooLarge, RecursionError):
+        raise UserError(f"data.instruction_templates {path}: its aliases (*name) expand too far, or it is nested too deeply; "
+                        "write the instructions out") from None  # fmt: skip
     if not isinstance(data, dict) or not all(isinstance(v, list) and all(isinstance(x, str) for x in v) for v in data.values()):
         raise UserError(f"data.instruction_templates {path}: expected a mapping of instruction -> list of synonymous instructions")
     return {str(k): list(v) for k, v in data.items()}

@@ -5,7 +5,9 @@
   prompts.tar      webdataset: samples ``<key>.txt`` (the prompt) or ``<key>.json`` ({"txt": prompt}),
                    as NeMo-Aligner's DRaFT+ reads; a folder of ``*.tar`` shards reads them in name order
 
-Prompts keep their order; surrounding whitespace is stripped and blank prompts are skipped.
+Prompts keep their order; surrounding whitespace is stripped and blank prompts are skipped. A prompt longer
+than MAX_PROMPT_CHARS (10,000) characters is an error (a file without line breaks, not a prompt), as is a
+path that is a FIFO, device or socket (reading it would wait for a writer forever).
 Every error is one line naming the file (and the line or tar member).
 """
 
@@ -15,6 +17,7 @@ import json
 import tarfile
 from pathlib import Path
 
+from rayjobs.config.data import MAX_PROMPT_CHARS, special_file
 from rayjobs.data.records import one_line
 from rayjobs.data.tables import read_jsonl
 from rayjobs.errors import UserError
@@ -30,6 +33,9 @@ def load_prompts_source(path: str | Path, key: str | None = None, where: str = "
     path = Path(path)
     if not path.exists():
         raise UserError(f"{where} {path}: not found (expected {FORMATS})")
+    kind = special_file(path)
+    if kind is not None:  # checked before any open(): opening a FIFO blocks until something writes to it
+        raise UserError(f"{where} {path}: {kind}, not a regular file (expected {FORMATS})")
     if path.is_dir():
         prompts = [p for shard in _shards(path, where) for p in _tar_prompts(shard, key or "txt", where)]
     elif path.name.lower().endswith(TAR_SUFFIXES):
@@ -57,7 +63,20 @@ def _text_prompts(path: Path, where: str) -> list[str]:
         raise UserError(f"{where} {path}: not UTF-8 text (byte {err.start}: {err.reason}); save it as UTF-8") from None
     except OSError as err:
         raise UserError(one_line(f"{where} {path}: cannot read ({getattr(err, 'strerror', None) or err})")) from None
-    return [line.strip() for line in lines if line.strip()]
+    prompts = []
+    for number, line in enumerate(lines, start=1):
+        prompt = _capped(line.strip(), path, f"line {number}", where)
+        if prompt:
+            prompts.append(prompt)
+    return prompts
+
+
+def _capped(prompt: str, path: Path, at: str, where: str) -> str:
+    """The prompt, or UserError when it is longer than MAX_PROMPT_CHARS (checked before any tokenizer sees it)."""
+    if len(prompt) > MAX_PROMPT_CHARS:
+        raise UserError(f"{where} {path}: {at}: a prompt of {len(prompt):,} characters, over the {MAX_PROMPT_CHARS:,} allowed "
+                        "(the text encoder reads 77 tokens); missing line breaks? one prompt per line")  # fmt: skip
+    return prompt
 
 
 def _jsonl_prompts(path: Path, key: str, where: str) -> list[str]:
@@ -69,7 +88,7 @@ def _jsonl_prompts(path: Path, key: str, where: str) -> list[str]:
         prompt = row[key]
         if not isinstance(prompt, str):
             raise UserError(f"{where} {path}: line {line}: {key!r} holds {type(prompt).__name__}, not text")
-        if prompt.strip():
+        if _capped(prompt.strip(), path, f"line {line}", where):
             prompts.append(prompt.strip())
     return prompts
 
@@ -108,7 +127,7 @@ def _tar_prompts(path: Path, key: str, where: str) -> list[str]:
             prompt = _json_prompt(files["json"], path, f"{sample}.json", key, where)
         else:
             continue
-        if prompt.strip():
+        if _capped(prompt.strip(), path, f"member {sample}", where):
             prompts.append(prompt.strip())
     return prompts
 
