@@ -1,5 +1,6 @@
 # Two commands do all the set-up on a fresh clone: `make demo` and `make test`.
 # Installs into .venv with pip (the CPU torch wheel is found by pip) pinned by constraints.txt.
+SHELL := /bin/bash
 VENV ?= .venv
 PYTHON ?= python3
 PY := $(VENV)/bin/python
@@ -7,7 +8,7 @@ PIP := $(PY) -m pip install --quiet --disable-pip-version-check -c constraints.t
 RUNTIME := $(VENV)/.installed
 DEV := $(VENV)/.installed-dev
 
-.PHONY: demo test test-all bench clean
+.PHONY: demo test test-slow test-all bench clean
 
 $(RUNTIME): pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -28,13 +29,23 @@ $(DEV): $(RUNTIME)
 demo: $(RUNTIME)
 	$(VENV)/bin/draftray train
 
-## The fast CPU suite (slow- and gpu-marked tests deselected).
-test: $(DEV)
-	$(PY) -m pytest -m "not slow and not gpu" -q
+# $(call timed,what,command): run it, then print how long it took (docs/benchmarks.md records these).
+timed = @start=$$(date +%s); $(2); rc=$$?; echo "$(1): $$(( $$(date +%s) - start )) s"; exit $$rc
+PYTEST := $(PY) -m pytest -q
 
-## Everything, slow tests included (gpu tests skip without a GPU).
-test-all: $(DEV)
-	$(PY) -m pytest -q
+## The fast tier (what CI and the README run; slow- and gpu-marked tests deselected): the tests without Ray on
+## both cores (pytest-xdist), then the Ray tests one at a time (each starts its own cluster).
+test: $(DEV)
+	$(call timed,fast tier without Ray,$(PYTEST) -n 2 --dist loadfile -m "not slow and not gpu and not ray")
+	$(call timed,fast tier with Ray,$(PYTEST) -m "ray and not slow and not gpu")
+
+## The slow tier alone (the tests `make test` leaves out; gpu tests skip without a GPU).
+test-slow: $(DEV)
+	$(call timed,slow tier without Ray,$(PYTEST) -n 2 --dist loadfile -m "(slow or gpu) and not ray")
+	$(call timed,slow tier with Ray,$(PYTEST) -m "slow and ray")
+
+## Everything: both tiers, the fast one first.
+test-all: test test-slow
 
 ## The CPU benchmark suite (bench/README.md; `python -m bench gpu` on a GPU); results go to docs/benchmarks.md by hand.
 bench: $(RUNTIME)

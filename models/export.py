@@ -29,9 +29,9 @@ from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
 from peft import LoraConfig
 from peft.tuners.tuners_utils import BaseTunerLayer
 from peft.utils import get_peft_model_state_dict
-from safetensors.torch import save_file
 
 from models.components import Components
+from models.export_bytes import save_safetensors, sort_metadata_in_place
 from models.kohya import KOHYA_FILE, KohyaUnsupportedError, check_reads_back, kohya_metadata, to_kohya
 from models.policy import Policy
 from models.textual_inversion import (
@@ -146,6 +146,7 @@ def export_lora(policy: Policy, directory: str | os.PathLike, text_encoder_layer
         kwargs[f"{name}_lora_layers"] = layers or None
         kwargs[f"{name}_lora_adapter_metadata"] = _lora_metadata(config) if layers else None
     saver.save_lora_weights(directory, weight_name=LORA_FILE, **kwargs)
+    sort_metadata_in_place(directory / LORA_FILE)  # safetensors writes metadata keys in a random order (models/export_bytes.py)
     sgm_config = policy.unet.config if comps.is_sdxl else None
     _write_kohya(directory, [(layers, config, prefix) for layers, config, _name, prefix in parts], sgm_config)
     return directory / LORA_FILE
@@ -171,7 +172,7 @@ def _write_kohya(directory: Path, parts: list[tuple[dict | None, LoraConfig | No
         warnings.warn(f"{KOHYA_FILE} not written: {err}", stacklevel=3)
         return None
     first = parts[0][1]  # the UNet's config when there is a UNet LoRA
-    save_file(state, str(directory / KOHYA_FILE), metadata=kohya_metadata(first.lora_alpha, first.r, state))
+    save_safetensors(state, directory / KOHYA_FILE, metadata=kohya_metadata(first.lora_alpha, first.r, state))
     return directory / KOHYA_FILE
 
 

@@ -21,8 +21,9 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from safetensors.torch import save_file
 from torch import nn
+
+from models.export_bytes import save_safetensors
 
 TI_FILE = "learned_embeds.safetensors"  # diffusers' TEXT_INVERSION_NAME_SAFE
 SDXL_TI_KEYS = ("clip_l", "clip_g")  # SDXL embedding files: rows for text_encoder (CLIP ViT-L), text_encoder_2 (bigG)
@@ -200,7 +201,7 @@ def export_textual_inversion(directory: str | os.PathLike, tokens: dict[str, int
     parts = _per_placeholder(tokens, rows)
     paths = [directory / name for name in _file_names(tokens)]
     for path, token, part in zip(paths, tokens, parts):
-        save_file({token: part}, str(path))  # [n, D]
+        save_safetensors({token: part}, path)  # [n, D]
     return paths[0] if len(paths) == 1 else directory
 
 
@@ -222,5 +223,5 @@ def export_textual_inversion_sdxl(directory: str | os.PathLike, tokens: dict[str
     parts = {key: _per_placeholder(tokens, r, f"rows[{key!r}]") for key, r in rows.items()}
     paths = [directory / name for name in _file_names(tokens)]
     for k, (path, token) in enumerate(zip(paths, tokens)):
-        save_file({key: parts[key][k] for key in parts}, str(path), metadata={"token": token})  # [n, D_i] each
+        save_safetensors({key: parts[key][k] for key in parts}, path, metadata={"token": token})  # [n, D_i] each
     return paths[0] if len(paths) == 1 else directory

@@ -3,7 +3,7 @@
 ``HFClip`` wraps transformers' ``CLIPModel`` (PickScore, CLIP score, the aesthetic backbone) and
 ``OpenClip`` wraps an open_clip model (HPSv2, CLIP score). Both give projected, unnormalised
 features: ``image_features(pixels [B,3,S,S]) -> [B, D]`` and ``text_features(prompts) -> [B, D]``,
-plus the preprocessing they expect (``size``, ``mean``, ``std``) for ``clip_preprocess``.
+plus the preprocessing they expect (``size``, ``mean``, ``std``, ``crop``) for ``clip_preprocess``.
 
 Weights are frozen (``requires_grad_(False)``, eval mode). Nothing here names a device or a
 grad mode: images keep their graph, text features carry none (frozen weights, constant input).
@@ -48,6 +48,8 @@ def quiet_transformers():
 
 class HFClip(nn.Module):
     """transformers CLIPModel (+ its tokenizer); ``vision_only`` skips the text tower (aesthetic)."""
+
+    crop = "floor"  # CLIPImageProcessor's centre-crop window (rewards/preprocess.py, CROPS)
 
     def __init__(self, model_dir: Path, tokenizer_dir: Path | None, key: str, what: str, vision_only: bool = False):
         super().__init__()
@@ -121,6 +123,8 @@ def create_open_clip(arch: str) -> nn.Module:
 
 class OpenClip(nn.Module):
     """An open_clip architecture (by config name) with a checkpoint's state_dict loaded strictly."""
+
+    crop = "round"  # open_clip's preprocess crops with torchvision's CenterCrop (rewards/preprocess.py, CROPS)
 
     def __init__(self, arch: str, checkpoint: Path, key: str, what: str):
         super().__init__()

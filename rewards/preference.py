@@ -69,7 +69,7 @@ class _ClipReward(nn.Module):
         """images [B,3,H,W] in [0,1] -> normalised CLIP pixels [B,3,S,S] in the weights' dtype."""
         e = self.encoder
         dtype = next(self.parameters()).dtype
-        return clip_preprocess(images, e.size, e.mean, e.std).to(dtype)
+        return clip_preprocess(images, e.size, e.mean, e.std, crop=e.crop).to(dtype)  # each encoder crops as its official processor
 
     def cosine(self, images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
         check_batch(images, prompts)

@@ -112,6 +112,24 @@ class NaNAt(_Counting):
         return out * float("nan") if self.calls == self.at_call else out
 
 
+class RaiseAt(_Counting):
+    """Raises ValueError (a deterministic error: docs/reliability.md, "Errors inside a worker") at training call
+    ``at_call``, every time. Each training call appends "pid time" to ``log``: a retry would show a second pid."""
+
+    def __init__(self, at_call: int, log: str, message: str = "RaiseAt: this reward rejects its input"):
+        super().__init__(at_call)
+        self.log, self.message = Path(log), message
+
+    def forward(self, images, prompts):
+        out = super().forward(images, prompts)
+        if torch.is_grad_enabled():
+            with open(self.log, "a", encoding="utf-8") as f:
+                f.write(f"{os.getpid()} {time.time()}\n")
+            if self.calls == self.at_call:
+                raise ValueError(self.message)
+        return out
+
+
 class Rendezvous(Colorfulness):
     """Waits at its first training call until ``parties`` workers have arrived (one file each in
     ``directory``): it passes only if that many trials train at the same time, else it fails after

@@ -459,11 +459,269 @@ def test_cli_exit_2_one_line_nothing_written(tmp_path, case):
     assert not out.exists()
 
 
+# ---- 7. draftray sample: seeds and other integers in range, finite floats, embeddings as safetensors --------
+#
+# In-process `draftray sample` on the tiny model (no Ray): exit 2, one stderr line naming the flag, no --out
+# directory, the input files untouched. Most are refused before the model loads; --steps past the model's
+# timesteps right after (the scheduler says how many), still before anything is written.
+
+
+def _sample_argv(out: Path, *flags: str) -> list[str]:
+    return ["sample", "--model", "tiny", "--prompt", "x", "--steps", "1", *flags, "--out", str(out)]
+
+
+def _files(root: Path) -> dict:
+    """{path: bytes, or the file type of a special file}: a snapshot that never opens a FIFO."""
+    import stat
+
+    out = {}
+    for path in sorted(root.rglob("*")):
+        mode = path.lstat().st_mode
+        out[path.as_posix()] = path.read_bytes() if stat.S_ISREG(mode) else stat.S_IFMT(mode)
+    return out
+
+
+def sample_refused(tmp_path: Path, capsys, flags: list[str], words: list[str]) -> str:
+    from rayjobs.cli import main
+
+    out = tmp_path / "out"
+    before = _files(tmp_path)
+    rc = main(_sample_argv(out, *flags))
+    err = capsys.readouterr().err.strip()
+    assert rc == 2, err
+    assert len(err.splitlines()) == 1 and err.startswith("draftray: error: ") and "Traceback" not in err, err
+    for word in words:
+        assert word in err, (word, err)
+    assert not out.exists() and _files(tmp_path) == before
+    return err
+
+
+@pytest.mark.parametrize("flags, words", [
+    (["--seed", "-1"], ["--seed must be in 0 <= seed < 2**32 (4294967296), got -1"]),
+    (["--seed", "4294967296"], ["--seed must be in 0 <= seed < 2**32", "got 4294967296"]),
+    (["--seed", str(2**64)], ["--seed must be in 0 <= seed < 2**32", "got 18446744073709551616"]),  # torch's own limit
+    (["--seed", str(10**30)], ["--seed must be in 0 <= seed < 2**32", "got 1000000000000000000000000000000"]),
+    (["--seed", "4294967295", "--num-images", "2"], ["--seed 4294967295 with --num-images 2", "the last seed, 4294967296, is not below 2**32"]),
+    (["--num-images", str(10**30)], ["--seed 0 with --num-images 1000000000000000000000000000000"]),
+], ids=["negative", "2**32", "2**64", "10**30", "last-image", "num-images-10**30"])  # fmt: skip
+def test_sample_seed_out_of_range_is_refused(tmp_path, capsys, flags, words):
+    sample_refused(tmp_path, capsys, flags, words)
+
+
+def test_sample_largest_seed_works(tmp_path, capsys):
+    """The control: 2**32 - 1, the last seed of the range, samples (one step of the tiny model)."""
+    from rayjobs.cli import main
+
+    assert main(_sample_argv(tmp_path / "out", "--seed", str(SEED_LIMIT - 1))) == 0
+    assert [p.name for p in (tmp_path / "out").iterdir()] == [f"000_seed{SEED_LIMIT - 1}.png"]
+
+
+@pytest.mark.parametrize("flags, words", [
+    (["--steps", "1001"], ["--steps must be <= 1000 (--model's scheduler has num_train_timesteps 1000), got 1001"]),  # DDIM raised
+    (["--steps", "1001", "--scheduler", "euler"], ["--steps must be <= 1000"]),  # Euler repeated timesteps
+    (["--steps", str(10**30)], ["--steps must be <= 1000", "got 1000000000000000000000000000000"]),
+    (["--steps", "-3"], ["--steps must be >= 1, got -3"]),
+    (["--width", "16392"], ["--width must be at most 16384 pixels, got 16392"]),  # the old code ran out of memory
+    (["--height", str(8 * 10**20)], ["--height must be at most 16384 pixels, got 800000000000000000000"]),
+    (["--height", "-8"], ["--height must be a positive multiple of 8, got -8"]),
+    (["--num-images", "-1"], ["--num-images must be >= 1, got -1"]),
+], ids=["steps-1001", "steps-1001-euler", "steps-10**30", "steps-negative", "width-16392", "height-huge", "height-negative",
+        "num-images-negative"])  # fmt: skip
+def test_sample_integer_out_of_range_is_refused(tmp_path, capsys, flags, words):
+    sample_refused(tmp_path, capsys, flags, words)
+
+
+SAMPLE_FLOATS = ["--guidance", "--lora-scale", "--refiner-start", "--image-guidance", "--strength"]
+
+
+@pytest.mark.parametrize("value", ["nan", "inf", "-inf"])
+@pytest.mark.parametrize("flag", SAMPLE_FLOATS)
+def test_sample_nonfinite_float_is_refused(tmp_path, capsys, flag, value):
+    """Every float flag of `draftray sample` (tests/test_cli.py checks the list is all of them); a NaN guidance
+    scale used to sample an unguided image without a word."""
+    sample_refused(tmp_path, capsys, [f"{flag}={value}"], [f"{flag} must be a finite number, got {value}"])  # = : '-inf' is no option
+
+
+class _Evil:
+    """Unpickling this makes a directory: the proof that a pickle ran."""
+
+    def __init__(self, marker: Path):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (os.mkdir, (self.marker,))
+
+
+@pytest.fixture
+def embedding_files(tmp_path):
+    import pickle
+
+    import torch
+    from safetensors.torch import save_file
+
+    root = tmp_path / "emb"
+    root.mkdir()
+    marker = tmp_path / "PWNED"
+    (root / "pickle.bin").write_bytes(pickle.dumps({"<x>": _Evil(marker)}))
+    torch.save({"<x>": torch.zeros(1, 32)}, root / "tensors.bin")  # tensors only, but a pickle all the same
+    save_file({"<x>": torch.zeros(1, 32)}, str(root / "good.safetensors"))
+    good = (root / "good.safetensors").read_bytes()
+    (root / "cut.safetensors").write_bytes(good[:-16])
+    (root / "empty_dir").mkdir()
+    (root / "several").mkdir()
+    for k in range(2):
+        save_file({f"<t{k}>": torch.zeros(1, 32)}, str(root / "several" / f"learned_embeds_{k}.safetensors"))
+    os.mkfifo(root / "fifo.safetensors")
+    save_file({"<a>": torch.zeros(1, 32), "<b>": torch.zeros(1, 32)}, str(root / "two.safetensors"))
+    (root / "safetensors.bin").write_bytes(good)  # safetensors under another name: accepted
+    return types.SimpleNamespace(root=root, marker=marker)
+
+
+@pytest.mark.parametrize("name, words", [
+    ("pickle.bin", ["--embeddings", "pickle.bin: not a readable .safetensors file (", "safetensors expected"]),
+    ("tensors.bin", ["--embeddings", "tensors.bin: not a readable .safetensors file", "safetensors expected"]),
+    ("cut.safetensors", ["--embeddings", "cut.safetensors: not a readable .safetensors file", "safetensors expected"]),
+    ("fifo.safetensors", ["--embeddings", "fifo.safetensors: a FIFO (named pipe), not a file to read", "safetensors expected"]),
+    ("two.safetensors", ["--embeddings", "two.safetensors: 2 tensors (<a>, <b>); an SD 1.x embedding file holds one"]),
+])  # fmt: skip
+def test_sample_embeddings_not_safetensors_is_refused(tmp_path, capsys, no_hang, embedding_files, name, words):
+    sample_refused(tmp_path, capsys, ["--embeddings", str(embedding_files.root / name)], words)
+    assert not embedding_files.marker.exists(), "the pickle ran"
+
+
+@pytest.mark.parametrize("name, words", [
+    ("missing.safetensors", ["--embeddings", "missing.safetensors: no such file or directory; safetensors expected"]),
+    ("empty_dir", ["--embeddings", "empty_dir: no learned_embeds.safetensors in this directory; safetensors expected"]),
+    ("several", ["several: no learned_embeds.safetensors in this directory",
+                 "several placeholders: give each file, --embeddings", "learned_embeds_0.safetensors"]),
+])  # fmt: skip
+def test_sample_embeddings_without_the_file_are_refused(tmp_path, capsys, embedding_files, name, words):
+    sample_refused(tmp_path, capsys, ["--embeddings", str(embedding_files.root / name)], words)
+
+
+def test_sample_embeddings_safetensors_pass(embedding_files):
+    """The controls: a safetensors file (under any name) and a directory holding learned_embeds.safetensors."""
+    from rayjobs.tools.sample import embeddings_file
+
+    (embedding_files.root / "dir").mkdir()
+    (embedding_files.root / "dir" / "learned_embeds.safetensors").write_bytes((embedding_files.root / "good.safetensors").read_bytes())
+    for name in ("good.safetensors", "safetensors.bin"):
+        assert embeddings_file(str(embedding_files.root / name)) == embedding_files.root / name
+    assert embeddings_file(str(embedding_files.root / "dir")) == embedding_files.root / "dir" / "learned_embeds.safetensors"
+
+
+# ---- 8. special files INSIDE a data.source folder -----------------------------------------------------------
+#
+# The config refuses a FIFO given as data.source itself (section 6); a FIFO, device or socket inside the folder is
+# stat()ed, never opened: a bad item (one line naming it, or skipped with data.skip_bad) or, in the layout's own
+# files, an error. Everything runs under no_hang: a regression that opens one fails instead of blocking.
+
+
+def _special_source(tmp_path: Path, where: str) -> tuple[Path, str]:
+    """A captioned toy folder of 3 images with one special file at ``where``; returns (folder, its name)."""
+    sys.path.insert(0, str(Path(__file__).parent))
+    from toydata import write_toy_images
+
+    data = tmp_path / "data"
+    write_toy_images(data, 3)
+    target = {"image": "001.png", "caption": "001.txt", "nested": "sub/x.png", "metadata": "metadata.jsonl",
+              "parquet": "extra.parquet", "jsonl-image": "pipe.png", "device": "001.png", "mask": "001.mask.png"}[where]  # fmt: skip
+    path = data / target
+    path.parent.mkdir(exist_ok=True)
+    path.unlink(missing_ok=True)
+    if where == "device":
+        os.symlink("/dev/zero", path)  # never ends: read_bytes() would fill the memory
+    else:
+        os.mkfifo(path)
+    if where == "nested":
+        (data / "sub" / "x.txt").write_text("a red circle")
+    if where == "mask":  # the other items' masks (data.mask_kind: dataset): the left half repainted
+        from PIL import Image
+
+        for k in (0, 2):
+            Image.frombytes("L", (32, 32), (b"\xff" * 16 + b"\x00" * 16) * 32).save(data / f"{k:03d}.mask.png")
+    if where == "jsonl-image":  # a metadata.jsonl row naming the FIFO
+        (data / "metadata.jsonl").write_text('{"file_name": "000.png", "text": "a"}\n{"file_name": "pipe.png", "text": "b"}\n')
+    return data, target
+
+
+SPECIAL_IN_SOURCE = [
+    ("image", "001.png: a FIFO (named pipe), not a regular file: reading it could wait forever; remove it or replace it with the image, "
+              "or set data.skip_bad: true"),
+    ("caption", "001.png: caption file 001.txt is a FIFO (named pipe), not a regular file"),  # used to block in read_text
+    ("nested", "sub/x.png: a FIFO (named pipe), not a regular file"),
+    ("jsonl-image", "pipe.png: a FIFO (named pipe), not a regular file"),  # used to block in read_bytes
+    ("device", "001.png: a character device, not a regular file"),
+    ("mask", "001.mask.png: a FIFO (named pipe), not a regular file"),  # used to be "no mask file"
+    ("metadata", "metadata.jsonl: a FIFO (named pipe), not a regular file: reading it could wait forever; remove it or replace it with the file"),
+    ("parquet", "extra.parquet: a FIFO (named pipe), not a regular file"),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("where, words", SPECIAL_IN_SOURCE, ids=[w for w, _ in SPECIAL_IN_SOURCE])
+def test_special_file_inside_data_source_is_refused(tmp_path, no_hang, where, words):
+    from rayjobs.data.load import check_records, load_records
+
+    data, _ = _special_source(tmp_path, where)
+    with pytest.raises(UserError) as info:
+        check_records(load_records(data, masks=where == "mask"))
+    text = str(info.value)
+    assert text.startswith(f"data.source {data}/") and words in text and len(text.splitlines()) == 1, text
+
+
+@pytest.mark.parametrize("where", ["image", "caption", "jsonl-image"])
+def test_special_file_inside_data_source_is_skipped_with_skip_bad(tmp_path, no_hang, where):
+    from rayjobs.data.load import check_records, load_records
+
+    data, target = _special_source(tmp_path, where)
+    good, skipped = check_records(load_records(data), skip_bad=True)
+    assert len(good) == (1 if where == "jsonl-image" else 2)
+    assert [name.rsplit("/", 1)[-1] for name, _ in skipped] == [target.replace(".txt", ".png")], skipped
+    assert "a FIFO (named pipe), not a regular file: reading it could wait forever" in skipped[0][1], skipped  # not no_hang's alarm
+
+
+def test_special_file_inside_data_source_stops_preflight(tmp_path, no_hang):
+    """Up front: the run's preflight (before any worker, nothing written) refuses it in one line."""
+    from rayjobs.cluster.preflight import preflight
+
+    data, _ = _special_source(tmp_path, "caption")
+    cfg = load_config(None, ["objective.preset=finetune", f"data.source={data}", "model.name_or_path=tiny", f"run.output_dir={tmp_path}/runs"])
+    with pytest.raises(UserError, match=r"^data.source .*/001.png: caption file 001.txt is a FIFO \(named pipe\)"):
+        preflight(cfg)
+    assert not (tmp_path / "runs").exists()
+
+
+def test_symlinks_in_data_source_keep_their_behaviour(tmp_path, no_hang):
+    """A symlink to an image outside the folder is read as before; a symlinked folder is not descended into
+    (pathlib's rglob); dangling links and a link loop are passed over; a link to a FIFO is refused like one."""
+    from rayjobs.data.load import check_records, load_records
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    from toydata import write_toy_images
+
+    data, outside = tmp_path / "data", tmp_path / "outside"
+    write_toy_images(data, 2)
+    write_toy_images(outside, 1)
+    os.symlink(outside / "000.png", data / "ext.png")
+    (data / "ext.txt").write_text("a red circle")
+    os.symlink(outside, data / "linked")
+    os.symlink(tmp_path / "nowhere.png", data / "dangling.png")
+    os.symlink(data / "loop.png", data / "loop.png")
+    good, skipped = check_records(load_records(data))
+    assert [r.key for r in good] == ["000.png", "001.png", "ext.png"] and skipped == []
+    os.mkfifo(outside / "pipe.png")
+    os.symlink(outside / "pipe.png", data / "pipe.png")
+    (data / "pipe.txt").write_text("a red circle")
+    with pytest.raises(UserError, match=r"pipe.png: a FIFO \(named pipe\), not a regular file"):
+        check_records(load_records(data))
+
+
 # ---- docs/errors.md lists these cases ----------------------------------------------------------------------
 
 CASES = ["nonfinite-float", "betas-out-of-range", "seed-out-of-range", "run-name-dots", "yaml-duplicate-key", "yaml-alias-bomb",
          "yaml-too-deep", "config-too-large", "config-not-regular", "long-value-echo", "input-file-fifo", "prompt-too-long",
-         "prompt-too-long-inline"]  # fmt: skip
+         "prompt-too-long-inline", "sample-seed-out-of-range", "sample-int-out-of-range", "sample-nonfinite-float",
+         "sample-embeddings-not-safetensors", "sample-embeddings-no-file", "data-source-special-file"]  # fmt: skip
 
 
 def test_every_case_is_documented():

@@ -25,7 +25,9 @@ def _run(capsys, argv):
         ("objective.preset=draft", None),  # valid: checked below with a bad one (the None rows all run that case)
         ("model.name_or_path=/nonexistent/sd15", ["model.name_or_path", "/nonexistent/sd15", "does not exist"]),
         ("reward.name=nope", ["reward", "unknown reward 'nope'", "colorfulness"]),
-        ("reward.kwargs={color: [2, 0, 0]}", ["reward", "color"]),
+        # One change each (the old single case changed both the argument's name, for toy_appeal, and its value):
+        ("reward.kwargs={color: [1, 0, 0]}", ["reward", "toy_appeal", "unexpected keyword argument 'color'"]),  # valid value, argument the reward lacks
+        ("reward={name: target_color, kwargs: {color: [2, 0, 0]}}", ["reward", "color must be three numbers in [0, 1]"]),  # argument it has, bad value
         ("reward.name=pickscore", ["reward.kwargs.model", "yuvalkirstain/PickScore_v1", "draftray weights fetch pickscore"]),
         ("reward.name=hpsv2.1", ["reward.kwargs.checkpoint", "HPS_v2.1_compressed.pt", "draftray weights fetch hpsv2.1"]),
         ("reward.mean=3", ["reward", "mean/std"]),
@@ -47,6 +49,16 @@ def test_bad_config_values(tmp_path, capsys, override, words):
     for w in words:
         assert w in err, (w, err)
     assert not (tmp_path / "runs").exists()
+
+
+def test_the_valid_controls_of_the_reward_argument_cases_pass(tmp_path):
+    """Each reward-argument row above differs in one thing from one of these: the default reward without
+    arguments, and target_color with a colour in range."""
+    from rayjobs.cluster.preflight import preflight
+    from rayjobs.config import load_config
+
+    for overrides in ([], ["reward={name: target_color, kwargs: {color: [1, 0, 0]}}"]):
+        preflight(load_config(None, [*overrides, f"run.output_dir={tmp_path}/runs"]))
 
 
 def test_bad_config_files(tmp_path, capsys):
@@ -210,3 +222,51 @@ def test_sweep_and_toy_bad_input(tmp_path, capsys):
     rc, err = _run(capsys, ["toy", "reward", "--out", str(existing)])
     assert rc == 2 and "already exists" in err and existing.read_bytes() == b"x"
     assert not (tmp_path / "runs").exists()
+
+
+def test_sample_numeric_fields_are_the_int_and_float_flags():
+    """_check's integer and finite-float checks cover every numeric `draftray sample` option: the type=int options
+    are INT_FIELDS and the type=float ones FLOAT_FIELDS (tests/test_bad_input.py sends nan/inf to each float flag)."""
+    from rayjobs.tools.sample import FLOAT_FIELDS, INT_FIELDS
+
+    options = [a for a in _subparser("sample")._actions if a.dest != "help"]
+    assert tuple(a.dest for a in options if a.type is int) == INT_FIELDS == ("seed", "steps", "height", "width", "num_images")
+    assert tuple(a.dest for a in options if a.type is float) == FLOAT_FIELDS == (
+        "guidance", "lora_scale", "refiner_start", "image_guidance", "strength")  # fmt: skip
+
+
+@pytest.mark.parametrize("extra, message", [
+    ({"seed": 1.5}, "--seed must be an integer, got 1.5"),
+    ({"seed": True}, "--seed must be an integer, got True"),
+    ({"steps": "3"}, "--steps must be an integer, got '3'"),
+    ({"num_images": 2.0}, "--num-images must be an integer, got 2.0"),
+    ({"guidance": "7.5"}, "--guidance must be a number, got '7.5'"),
+    ({"guidance": float("nan")}, "--guidance must be a finite number, got nan"),
+    ({"lora_scale": 10**400}, "--lora-scale must be a finite number, got 1" + "0" * 19 + "..." + "0" * 20 + " (401 characters)"),
+    ({"seed": -(10**5000)}, "--seed must be in 0 <= seed < 2**32 (4294967296), got an integer of 16610 bits"),
+    ({"height": 10**5000}, "--height must be at most 16384 pixels, got an integer of 16610 bits"),
+], ids=["seed-float", "seed-bool", "steps-str", "num-images-float", "guidance-str", "guidance-nan", "lora-scale-huge-int",
+        "seed-5000-digits", "height-5000-digits"])  # fmt: skip
+def test_sample_request_numbers_from_python_are_checked(tmp_path, extra, message):
+    """A Python caller's SampleRequest has not been through argparse: wrong types and values past what argparse
+    parses (ints over 4300 digits) get the same one line, its value echoed in a few characters."""
+    from rayjobs.errors import UserError
+    from rayjobs.tools.sample import SampleRequest, generate
+
+    with pytest.raises(UserError) as info:
+        generate(SampleRequest(model="tiny", prompt="x", out=tmp_path / "out", **extra))
+    assert str(info.value) == message
+    assert not (tmp_path / "out").exists()
+
+
+def test_sample_request_numbers_in_range_pass(tmp_path):
+    """The controls, checked without sampling: the range's ends, numpy scalars, negative and zero scales."""
+    import numpy as np
+
+    from rayjobs.tools.sample import MAX_SIDE, SampleRequest, _check
+
+    for extra in ({"seed": 2**32 - 1}, {"seed": 2**32 - 3, "num_images": 3}, {"height": MAX_SIDE, "width": 8},
+                  {"seed": np.int64(7), "steps": np.int32(2), "guidance": np.float32(2.5)},
+                  {"guidance": -1.0, "lora_scale": 0, "image_guidance": 0.0, "refiner_start": 0.5}):  # fmt: skip
+        _check(SampleRequest(model="tiny", prompt="x", out=str(tmp_path / "out"), **extra))
+    assert not (tmp_path / "out").exists()

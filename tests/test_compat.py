@@ -54,6 +54,7 @@ def old_sweep(tmp_path: Path) -> Path:
 
 
 @pytest.mark.ray
+@pytest.mark.slow
 def test_a_sweep_and_a_run_written_by_the_old_layout_resume(cluster, tmp_path):
     from rayjobs.cluster.driver import fit
     from rayjobs.config import load_config

@@ -5,6 +5,7 @@ Every image is made here with PIL (tiny, e.g. 20x12 px); nothing is downloaded.
 
 import io
 import json
+import logging
 import os
 import random
 import tarfile
@@ -363,6 +364,37 @@ def test_latent_cache_computes_once_per_key(tmp_path):
     assert len({key, other, cache.image_key(b"image bytez", transform, "toy-vae@abc/fp32"),
                 cache.image_key(b"image bytes", ImageTransform(16), "toy-vae@abc/fp32")}) == 4
     assert LatentCache.key("ab", "c") != LatentCache.key("a", "bc") != LatentCache.key(b"ab", "c")
+
+
+@pytest.mark.parametrize("damage", ["garbage", "truncated", "other-tensor-name"])
+def test_a_corrupt_cache_entry_is_logged_counted_and_recomputed(tmp_path, caplog, damage):
+    """One damage per case (each alone must be caught): not safetensors, cut short, or a file without the tensor."""
+    from safetensors.torch import save_file
+
+    cache = LatentCache(tmp_path)
+    key = LatentCache.key("k")
+    cache.get_or_compute(key, lambda: torch.ones(4, 2, 2))
+    path = cache.path(key)
+    if damage == "garbage":
+        path.write_bytes(b"not a safetensors file")
+    elif damage == "truncated":
+        path.write_bytes(path.read_bytes()[:-8])
+    else:
+        save_file({"other": torch.ones(1)}, str(path))
+    with caplog.at_level(logging.WARNING, logger="rayjobs.data.latent_cache"):
+        again = cache.get_or_compute(key, lambda: torch.full((4, 2, 2), 2.0))
+    assert torch.equal(again, torch.full((4, 2, 2), 2.0))  # recomputed, not the damaged value
+    assert (cache.hits, cache.misses, cache.corrupt) == (0, 2, 1)
+    warnings = [r.getMessage() for r in caplog.records if r.name == "rayjobs.data.latent_cache"]
+    assert len(warnings) == 1 and str(path) in warnings[0] and "unreadable" in warnings[0], warnings
+    assert torch.equal(LatentCache(tmp_path).load(key), again)  # rewritten whole: a later run hits it
+
+
+def test_a_missing_entry_is_a_plain_miss(tmp_path, caplog):
+    cache = LatentCache(tmp_path)
+    with caplog.at_level(logging.WARNING, logger="rayjobs.data.latent_cache"):
+        assert cache.load(LatentCache.key("absent")) is None
+    assert (cache.misses, cache.corrupt) == (1, 0) and caplog.records == []
 
 
 def test_latent_cache_needs_deterministic_transform_and_writes_atomically(tmp_path, monkeypatch):

@@ -89,6 +89,7 @@ def world(tmp_path_factory):
     w.score_truncated = root / "score_truncated"
     w.score_truncated.mkdir()
     (w.score_truncated / "0.png").write_bytes(_png()[:60])
+    (w.score_truncated / "1.png").write_bytes(_png(1))  # as many images as score_prompts: only the truncation is wrong
     return w
 
 
@@ -128,6 +129,19 @@ def score(**changes):
         return ["score", *[str(x) for kv in opts.items() for x in kv]]
 
     return argv
+
+
+def held_elsewhere(w, out):
+    """run.name=held is held by a live driver (this test process, as the lock file on the shared ray.storage_path says;
+    docs/reliability.md, "One run per run name"): refused before the local run directory exists."""
+    import json
+
+    from rayjobs.runlock import LOCK_FILE, holder_record
+
+    held = out.parent / "store" / "held"
+    held.mkdir(parents=True)
+    (held / LOCK_FILE).write_text(json.dumps(holder_record("held")))
+    return ["train", "run.name=held", f"run.output_dir={out}", f"ray.storage_path={held.parent}"]
 
 
 # id -> (argv(world, out), words the one line must contain). `out` must never be created.
@@ -180,11 +194,13 @@ ROWS = {
     # --- draftray score
     "score-unknown-reward": (score(**{"--reward": "nope"}), ["--reward", "unknown reward 'nope'"]),
     "score-images-missing": (score(**{"--images": lambda w: w.root / "noimages"}), ["--images", "noimages"]),
-    "score-truncated-image": (score(**{"--images": lambda w: w.score_truncated, "--prompts": lambda w: w.root / "one.txt"}), ["0.png", "cannot read"]),
+    "score-truncated-image": (score(**{"--images": lambda w: w.score_truncated}), ["0.png", "cannot read"]),
     "score-prompt-count": (score(**{"--prompts": lambda w: w.long_prompts}), ["long.txt", "3 prompts for 2 images"]),
     # --- storage (no network here: the bucket cannot be resolved; a missing bucket fails at the same call)
     "storage-unreachable": (train("ray.storage_path=s3://draftray-no-such-bucket-7f3a/runs"),
                             ["ray.storage_path", "cannot write to s3://draftray-no-such-bucket-7f3a/runs", "check that the bucket exists"]),
+    # --- one driver per run name (rayjobs/runlock.py; tests/test_run_lock.py has the real processes)
+    "run-in-use": (held_elsewhere, ["run.name held: in use by pid", "wait for that run to end, or choose another run.name"]),
 }
 SPECIAL = ["prompts-too-long", "too-many-workers", "resume-other-model", "yaml-syntax-process", "storage-read-only", "storage-full"]
 
@@ -199,7 +215,6 @@ def _main(argv):
 @pytest.fixture(scope="module", autouse=True)
 def _stepz(world):
     (world.root / "stepz.yaml").write_text("train:\n  stepz: 3\n")
-    (world.root / "one.txt").write_text("a\n")
 
 
 def assert_one_line(err: str, words) -> None:

@@ -1,6 +1,7 @@
 """Export formats: kohya/A1111 LoRA, text-encoder LoRA, full pipeline directory; each loads back in plain diffusers."""
 
 import json
+import re
 import warnings
 
 import pytest
@@ -64,6 +65,82 @@ def test_kohya_lora_loads_like_diffusers_lora(targets, tmp_path):
         meta = f.metadata()
     assert meta["ss_network_dim"] == "4" and meta["ss_network_alpha"] == "8"
     assert ("ss_network_args" in meta) == (targets != DEFAULT_LORA_TARGETS)  # 3x3 conv LoRA announced as conv_dim/alpha
+
+
+def lora_deltas(root: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """Module path -> the weight change its active LoRA adapters make (scale * B @ A, conv-shaped for convolutions)."""
+    from peft.tuners.lora import LoraLayer
+
+    out = {}
+    with torch.no_grad():
+        for name, module in root.named_modules():
+            if isinstance(module, LoraLayer):
+                adapters = [a for a in module.active_adapters if a in module.lora_A]
+                if adapters:
+                    out[name] = sum(module.get_delta_weight(a) for a in adapters)
+    return out
+
+
+@pytest.mark.parametrize(
+    "targets, text_encoder_lora",
+    [(DEFAULT_LORA_TARGETS, False), (FULL_TARGETS, False), (OTHER_TARGETS, False), (DEFAULT_LORA_TARGETS, True)],
+    ids=["attention", "config-default", "other-kinds", "with-text-encoder"],
+)
+def test_kohya_file_through_load_lora_weights_gives_the_trained_weights(targets, text_encoder_lora, tmp_path):
+    """diffusers' own kohya reader (load_lora_weights -> lora_conversion_utils) puts, on every module, the weight
+    change the trained model has: compared weight by weight, not only through images."""
+    policy = lora_policy(targets, text_encoder_lora=text_encoder_lora)
+    export(policy, tmp_path)
+    pipe = build_tiny().pipeline()
+    pipe.load_lora_weights(str(tmp_path), weight_name=KOHYA_FILE)
+    for trained, loaded in ((policy.components.unet, pipe.unet), (policy.components.text_encoder, pipe.text_encoder)):
+        expected, got = lora_deltas(trained), lora_deltas(loaded)
+        assert set(got) == set(expected)
+        for name, delta in expected.items():
+            torch.testing.assert_close(got[name], delta, atol=1e-6, rtol=1e-5, msg=name)
+    assert bool(lora_deltas(pipe.text_encoder)) == text_encoder_lora
+
+
+# The key families the A1111 WebUI's built-in Lora extension translates to its own (LDM) module names
+# (`convert_diffusers_name_to_compvis`, read from its source, not run here); ComfyUI's key map has one entry
+# `lora_unet_<diffusers key, "." -> "_">` per UNet weight and `lora_te_text_model_encoder_layers_<i>_<proj>`
+# per CLIP projection. Both read `<name>.lora_down.weight`, `<name>.lora_up.weight` and `<name>.alpha`.
+A1111_UNET = [re.compile(p) for p in (
+    r"lora_unet_conv_in", r"lora_unet_conv_out", r"lora_unet_time_embedding_linear_[12]",
+    r"lora_unet_(down|up)_blocks_\d+_(attentions|resnets)_\d+_.+", r"lora_unet_mid_block_(attentions|resnets)_\d+_.+",
+    r"lora_unet_down_blocks_\d+_downsamplers_0_conv", r"lora_unet_up_blocks_\d+_upsamplers_0_conv",
+)]  # fmt: skip
+TEXT_ENCODER_KEY = re.compile(r"lora_te_text_model_encoder_layers_(\d+)_(self_attn_(q|k|v|out)_proj|mlp_fc[12])")
+KOHYA_SUFFIXES = (".lora_down.weight", ".lora_up.weight", ".alpha")
+
+
+@pytest.mark.parametrize(
+    "targets, text_encoder_lora",
+    [(FULL_TARGETS, False), (OTHER_TARGETS, False), (DEFAULT_LORA_TARGETS, True)],
+    ids=["config-default", "other-kinds", "with-text-encoder"],
+)
+def test_kohya_keys_have_the_layout_webui_and_comfyui_map(targets, text_encoder_lora, tmp_path):
+    """What is checked of the WebUI / ComfyUI side (their loaders are not run: docs/exports.md): the key names
+    and shapes. Loading in those programs themselves is untested."""
+    policy = lora_policy(targets, text_encoder_lora=text_encoder_lora)
+    export(policy, tmp_path)
+    kohya = load_file(str(tmp_path / KOHYA_FILE))
+    names = {k[: -len(s)] for k in kohya for s in KOHYA_SUFFIXES if k.endswith(s)}
+    assert {f"{n}{s}" for n in names for s in KOHYA_SUFFIXES} == set(kohya)  # every module: down, up, alpha; nothing else
+    # ComfyUI: "lora_unet_" + a diffusers UNet weight key with "." -> "_", and no two keys collapse to one name
+    weights = [k[: -len(".weight")] for k in build_tiny().unet.state_dict() if k.endswith(".weight")]
+    comfy = {"lora_unet_" + k.replace(".", "_"): k for k in weights}
+    assert len(comfy) == len(weights)
+    unet_names = {n for n in names if n.startswith("lora_unet_")}
+    assert unet_names and unet_names <= set(comfy), sorted(unet_names - set(comfy))[:3]
+    for name in unet_names:
+        assert any(p.fullmatch(name) for p in A1111_UNET), name
+    te_names = names - unet_names
+    assert all(TEXT_ENCODER_KEY.fullmatch(n) for n in te_names), sorted(te_names)[:3]
+    assert bool(te_names) == text_encoder_lora
+    for name in names:
+        down, up, alpha = (kohya[name + s] for s in KOHYA_SUFFIXES)
+        assert alpha.ndim == 0 and down.shape[0] == up.shape[1] == 4, name  # rank 4: [r, in(, k, k)] and [out, r(, 1, 1)]
 
 
 def test_to_kohya_key_names():

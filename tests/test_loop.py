@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from shortrun import SHORT
 
 from rayjobs.config import load_config
 from rayjobs.runlog import STOP_FILE, read_metrics
@@ -14,13 +15,7 @@ from rayjobs.training.loop import LocalContext, Worker, train_loop
 
 sys.path.insert(0, str(Path(__file__).parent))  # for 'faults:...' rewards
 
-FAST = [
-    "sampler.steps=3",
-    "sampler.truncation_steps=2",
-    "data.eval_prompts=[a red circle]",
-    "data.eval_seeds=[0,1]",
-    "train.batch_size=1",
-]
+FAST = [*SHORT, "sampler.truncation_steps=2", "train.batch_size=1"]
 
 
 def _cfg(tmp_path, *extra):

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from shortrun import SHORT
 from toydata import write_toy_images
 
 import rayjobs.data.load as data_module
@@ -20,7 +21,7 @@ from rayjobs.data.records import MASK
 from rayjobs.errors import UserError
 from rayjobs.training.loop import LocalContext, Worker
 
-FAST = ["sampler.steps=3", "data.eval_prompts=[a red circle]", "data.eval_seeds=[0,1]", "train.batch_size=2", "train.eval_every=0"]
+FAST = [*SHORT, "train.batch_size=2", "train.eval_every=0"]
 KINDS = ["rectangles", "strokes", "mixed"]
 
 

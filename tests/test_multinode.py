@@ -1,14 +1,19 @@
 """Two Ray nodes on one host (ray.cluster_utils.Cluster, 1 CPU each), shared local storage: a 2-worker run
-spreads over both nodes, a sweep runs 2 trials at once across them, and local storage is refused.
+spreads over both nodes, and local storage is refused; in the slow tier a sweep runs 2 trials at once across them
+and a lost node's run resumes on the other, bit for bit.
 
-A separate cluster from tests/test_ray.py's (module-scoped: it is shut down before that module starts).
+A separate cluster from tests/test_ray.py's (module-scoped: it is shut down before that module starts). Each test
+starts from two live nodes (the ``nodes`` fixture), whatever ran before it.
 """
 
+import contextlib
 import json
 import os
 from pathlib import Path
 
 import pytest
+from rayrun import assert_bitwise_equal, checkpoint_state, one_process
+from shortrun import SHORT
 
 from rayjobs.config import load_config
 from rayjobs.errors import UserError
@@ -16,9 +21,8 @@ from rayjobs.runlog import PLACEMENT_GROUPS, read_metrics
 
 pytestmark = pytest.mark.ray
 
-FAST = ["sampler.steps=3", "sampler.truncation_steps=1", "data.eval_prompts=[a red circle]", "data.eval_seeds=[0,1]",
-        "train.batch_size=1", "train.eval_every=0", "model.name_or_path=tiny", "reward.name=colorfulness",
-        "diversity.name=pairwise_rms"]  # fmt: skip
+FAST = [*SHORT, "sampler.truncation_steps=1", "train.batch_size=1", "train.eval_every=0", "model.name_or_path=tiny",
+        "reward.name=colorfulness", "diversity.name=pairwise_rms"]  # fmt: skip
 
 
 @pytest.fixture(scope="module")
@@ -26,23 +30,39 @@ def two_nodes():
     import ray
     from ray.cluster_utils import Cluster
 
-    os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.2")
-    # The nodes' workers inherit this environment: they can import tests/faults.py.
-    os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(Path(__file__).parent), os.environ.get("PYTHONPATH")]))
-    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "include_dashboard": True, "dashboard_host": "127.0.0.1"})
-    cluster.add_node(num_cpus=1)
-    cluster.wait_for_nodes()
-    ray.init(address=cluster.address, log_to_driver=False)
-    yield cluster
-    ray.shutdown()
-    cluster.shutdown()
+    saved = os.environ.get("PYTHONPATH")
+    # The nodes' workers inherit this environment: they can import tests/faults.py. Restored afterwards.
+    os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(Path(__file__).parent), saved]))
+    try:
+        cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "include_dashboard": True, "dashboard_host": "127.0.0.1"})
+        cluster.add_node(num_cpus=1)
+        cluster.wait_for_nodes()
+        ray.init(address=cluster.address, log_to_driver=False)
+        yield cluster
+        ray.shutdown()
+        cluster.shutdown()
+    finally:
+        if saved is None:
+            os.environ.pop("PYTHONPATH", None)
+        else:
+            os.environ["PYTHONPATH"] = saved
+
+
+@pytest.fixture
+def nodes(two_nodes):
+    """The module's cluster with its two nodes alive: a test that lost one (or failed before re-adding it) does
+    not change what the next test sees."""
+    while len(two_nodes.list_all_nodes()) < 2:
+        two_nodes.add_node(num_cpus=1)
+    two_nodes.wait_for_nodes()
+    return two_nodes
 
 
 def _cfg(tmp_path, *extra):
     return load_config(None, FAST + [f"run.output_dir={tmp_path / 'runs'}", *extra])
 
 
-def test_a_multi_node_run_without_shared_storage_is_refused(two_nodes, tmp_path):
+def test_a_multi_node_run_without_shared_storage_is_refused(nodes, tmp_path):
     from rayjobs.cluster.driver import fit
 
     with pytest.raises(UserError, match=r"^ray.storage_path: this cluster has 2 nodes.*set ray.storage_path to s3://"):
@@ -50,7 +70,7 @@ def test_a_multi_node_run_without_shared_storage_is_refused(two_nodes, tmp_path)
     assert not (tmp_path / "runs" / "local").exists()  # refused before anything was written
 
 
-def test_two_workers_spread_over_both_nodes_with_shared_storage(two_nodes, tmp_path):
+def test_two_workers_spread_over_both_nodes_with_shared_storage(nodes, tmp_path):
     import ray
 
     from rayjobs.cluster.driver import fit
@@ -58,8 +78,8 @@ def test_two_workers_spread_over_both_nodes_with_shared_storage(two_nodes, tmp_p
     shared = tmp_path / "shared"
     run = fit(_cfg(tmp_path, "run.name=spread", "ray.num_workers=2", "train.steps=2", "train.checkpoint_every=1", f"ray.storage_path={shared}"))
     pg = (run / PLACEMENT_GROUPS).read_text().split()[0]
-    nodes = set(ray.util.placement_group_table()[pg]["bundles_to_node_id"].values())
-    assert len(nodes) == 2  # one worker per node
+    placed = set(ray.util.placement_group_table()[pg]["bundles_to_node_id"].values())
+    assert len(placed) == 2  # one worker per node
     stored = shared / "spread"
     assert sorted(p.name for p in stored.glob("step_*")) == ["step_000001", "step_000002"]  # Ray Train's checkpoints
     assert {"rng_rank0.pt", "rng_rank1.pt", "trainable.safetensors"} <= {p.name for p in (stored / "step_000002").iterdir()}
@@ -67,7 +87,8 @@ def test_two_workers_spread_over_both_nodes_with_shared_storage(two_nodes, tmp_p
     assert (stored / "export" / "pytorch_lora_weights.safetensors").is_file() and (stored / "samples" / "step_000002.png").is_file()
 
 
-def test_a_sweep_runs_two_trials_at_once_across_the_nodes(two_nodes, tmp_path):
+@pytest.mark.slow
+def test_a_sweep_runs_two_trials_at_once_across_the_nodes(nodes, tmp_path):
     from rayjobs.tune.sweep import run_sweep
 
     meet = tmp_path / "rendezvous"  # each trial's worker waits there for the other: they must train at once
@@ -106,10 +127,12 @@ class _Blocker:
         return True
 
 
-def test_a_lost_node_resumes_on_the_remaining_one(two_nodes, tmp_path):
+@pytest.mark.slow
+def test_a_lost_node_resumes_on_the_remaining_one(nodes, tmp_path):
     """The node running the only worker is removed from the cluster mid-run (its raylet and workers killed): Ray
-    Train restarts the worker group on the head node from the last checkpoint, and the run completes. A blocker
-    actor holds the head's CPU at the start so that the worker lands on the second node."""
+    Train restarts the worker group on the head node from the last checkpoint, and the run completes with the
+    weights and AdamW state, bit for bit, of one uninterrupted process. A blocker actor holds the head's CPU at
+    the start so that the worker lands on the second node."""
     import threading
     import time
 
@@ -135,13 +158,12 @@ def test_a_lost_node_resumes_on_the_remaining_one(two_nodes, tmp_path):
         lost = marker.read_text()
         assert lost != head
         ray.kill(held)  # the head's CPU is free for the restarted worker
-        node = next(n for n in two_nodes.worker_nodes if n.node_id == lost)
-        two_nodes.remove_node(node, allow_graceful=False)
+        node = next(n for n in nodes.worker_nodes if n.node_id == lost)
+        nodes.remove_node(node, allow_graceful=False)
         runner.join(timeout=300)
     finally:
-        if two_nodes.list_all_nodes() and len(two_nodes.list_all_nodes()) < 2:
-            two_nodes.add_node(num_cpus=1)  # the module's later tests expect two nodes
-            two_nodes.wait_for_nodes()
+        with contextlib.suppress(Exception):  # already gone when the run got that far
+            ray.kill(held)
     run = result["run"]
     calls = [json.loads(line)["node"] for line in log.read_text().splitlines()]
     assert calls[:3] == [lost] * 3 and set(calls[3:]) == {head}  # steps 1-3 on the lost node, the rest on the head
@@ -149,3 +171,5 @@ def test_a_lost_node_resumes_on_the_remaining_one(two_nodes, tmp_path):
     assert resumed == [2]  # from the step-2 checkpoint, not from scratch
     assert [m["step"] for m in read_metrics(run) if "loss" in m][-2:] == [3, 4]
     assert (tmp_path / "shared" / "lost" / "step_000004" / "manifest.json").is_file()
+    straight = one_process(tmp_path / "ref", "lost", *FAST, "train.steps=4", "train.checkpoint_every=1")  # NodeHold scores as colorfulness
+    assert_bitwise_equal(checkpoint_state(tmp_path / "shared" / "lost" / "step_000004"), checkpoint_state(straight / "checkpoints" / "local_step_000004"))

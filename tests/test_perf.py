@@ -247,8 +247,10 @@ def test_reward_bfloat16_is_close_to_float32():
     bf16 = perf.reward_in(reward, "bfloat16")
     got = bf16(images, prompts)
     assert got.dtype == torch.float32 and next(reward.parameters()).dtype == torch.bfloat16
-    # bf16 has 8 mantissa bits: ~4e-3 relative per rounding, a few layers of it
-    torch.testing.assert_close(got, expected, atol=0.05 * expected.abs().max().item(), rtol=0.05)
+    # Measured max |bf16 - fp32| / |fp32| per score (bf16 keeps 8 mantissa bits): 2.5e-3 on these images (seed 0),
+    # at most 3.2e-3 over image seeds 0-5, scores 1.35-1.85. Tolerance 1.25e-2: 5x this input, 4x the worst seed.
+    assert not torch.equal(got, expected)  # bf16 did run
+    torch.testing.assert_close(got, expected, atol=0, rtol=1.25e-2)
     images.requires_grad_(True)
     bf16(images, prompts).sum().backward()
     assert images.grad is not None and torch.isfinite(images.grad).all()

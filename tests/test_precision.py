@@ -6,6 +6,7 @@ import sys
 
 import pytest
 import torch
+from shortrun import SHORT
 from toydata import finetune_worker
 
 from models.components import build_tiny, vae_precision
@@ -15,7 +16,7 @@ from rayjobs.errors import UserError
 from rayjobs.training import checkpoint
 from rayjobs.training.loop import LocalContext, Worker
 
-FAST = ["sampler.steps=3", "data.eval_prompts=[a red circle]", "data.eval_seeds=[0,1]", "train.batch_size=2", "model.dtype=float16"]
+FAST = [*SHORT, "train.batch_size=2", "model.dtype=float16"]
 
 
 def _worker(tmp_path, *extra) -> Worker:
@@ -59,8 +60,22 @@ def test_the_loss_scale_travels_with_the_checkpoint(tmp_path):
 
 
 def test_float16_reward_step_decodes_in_float32(tmp_path):
+    """Under float16 autocast the reward step's VAE decode takes and gives float32 (latents cast up, autocast off
+    inside), and the step stays finite with its loss scale."""
     cfg = load_config(None, FAST[:-1] + ["model.dtype=float16", f"run.output_dir={tmp_path}", "sampler.truncation_steps=1"])
-    result = Worker(cfg, LocalContext(tmp_path)).train_step(0)
+    worker = Worker(cfg, LocalContext(tmp_path))
+    vae, seen = worker.policy.components.vae, []
+    decode = vae.decode
+
+    def recording(z, *args, **kwargs):
+        out = decode(z, *args, **kwargs)
+        pixels = out[0] if isinstance(out, tuple) else out.sample  # return_dict=False gives a tuple
+        seen.append((z.dtype, pixels.dtype, torch.is_autocast_enabled("cpu")))
+        return out
+
+    vae.decode = recording
+    result = worker.train_step(0)
+    assert seen and set(seen) == {(torch.float32, torch.float32, False)}
     assert result.finite and math.isfinite(result.metrics["reward"]) and "loss_scale" in result.metrics
 
 

@@ -13,34 +13,25 @@ import time
 from pathlib import Path
 
 import pytest
-import torch
-from rayrun import FAST, REPO, SWEEP_FAST, SWEEP_YAML, fit_fast, kill_with_children, registered_checkpoint, train_steps
+from rayrun import (
+    FAST,
+    REPO,
+    SWEEP_FAST,
+    SWEEP_YAML,
+    assert_bitwise_equal,
+    checkpoint_state,
+    fit_fast,
+    kill_with_children,
+    one_process,
+    registered_checkpoint,  # fmt: skip
+    train_steps,
+)
 from safetensors.torch import load_file
 
 from rayjobs.runlog import read_metrics
 
-pytestmark = pytest.mark.ray
-
-
-def _final_state(run: Path, step: int) -> tuple[dict, dict]:
-    """The trainable weights and the optimizer state (AdamW moments, step counts) of the step's checkpoint."""
-    ckpt = run / "checkpoints" / f"step_{step:06d}"
-    return load_file(ckpt / "trainable.safetensors"), torch.load(ckpt / "optimizer.pt", weights_only=True)
-
-
-def _assert_bitwise_equal(a, b, where="") -> None:
-    if isinstance(a, torch.Tensor):
-        assert isinstance(b, torch.Tensor) and a.dtype == b.dtype and torch.equal(a, b), where
-    elif isinstance(a, dict):
-        assert a.keys() == b.keys(), where
-        for k in a:
-            _assert_bitwise_equal(a[k], b[k], f"{where}.{k}")
-    elif isinstance(a, (list, tuple)):
-        assert len(a) == len(b), where
-        for i, (x, y) in enumerate(zip(a, b)):
-            _assert_bitwise_equal(x, y, f"{where}[{i}]")
-    else:
-        assert a == b, where
+# The fast tier's worker kill is tests/test_ray.py's DDP run; these are the slow tier's (make test-all).
+pytestmark = [pytest.mark.ray, pytest.mark.slow]
 
 
 STEPS = 6
@@ -69,9 +60,10 @@ def _check_killed_run(run: Path, straight: Path, kills: list[int]) -> None:
     assert len(resumed) == 2 and resumed[0] <= kills[0] - 1, (kills, resumed)  # from a checkpoint, not from zero
     assert set(train_steps(run)) == set(range(1, STEPS + 1)) and train_steps(run)[-1] == STEPS, kills
     assert json.loads((run / "checkpoints" / f"step_{STEPS:06d}" / "state.json").read_text()) == {"step": STEPS}
-    _assert_bitwise_equal(_final_state(run, STEPS), _final_state(straight, STEPS), f"kills at {kills}")
+    final = f"step_{STEPS:06d}"
+    assert_bitwise_equal(checkpoint_state(run / "checkpoints" / final), checkpoint_state(straight / "checkpoints" / final), f"kills at {kills}")
     a, b = (load_file(r / "export" / "pytorch_lora_weights.safetensors") for r in (run, straight))
-    _assert_bitwise_equal(a, b, "export")
+    assert_bitwise_equal(a, b, "export")
 
 
 def test_sigkill_at_random_steps_ends_bitwise_equal(straight, tmp_path):
@@ -81,7 +73,6 @@ def test_sigkill_at_random_steps_ends_bitwise_equal(straight, tmp_path):
     _check_killed_run(run, straight, kills)
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize("seed", [1, 2, 3])
 def test_sigkill_at_more_random_steps(straight, tmp_path, seed):
     run, kills = _killed_twice(tmp_path, seed)
@@ -91,11 +82,12 @@ def test_sigkill_at_more_random_steps(straight, tmp_path, seed):
 def test_killed_train_driver_then_the_same_command_continues(cluster, tmp_path):
     """`draftray train` SIGKILLed midway (with its own local Ray); the same command again (here on the module's
     cluster) continues the run from its last registered checkpoint: one run directory, every step once more
-    at most, and the run ends at train.steps."""
+    at most, and the run ends at train.steps with the weights and AdamW state, bit for bit, of one uninterrupted
+    process."""
     from rayjobs.cli import main
 
-    args = ["train", *FAST, f"run.output_dir={tmp_path}", "run.name=drv", "train.steps=10", "train.checkpoint_every=1",
-            "reward.name=faults:Slow", "reward.kwargs={seconds: 0.5}"]  # fmt: skip
+    settings = ["train.steps=10", "train.checkpoint_every=1", "reward.name=faults:Slow", "reward.kwargs={seconds: 0.5}"]
+    args = ["train", *FAST, f"run.output_dir={tmp_path}", "run.name=drv", *settings]
     driver = subprocess.Popen([sys.executable, "-m", "rayjobs.cli", *args], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=REPO)
     run = tmp_path / "drv"
     deadline = time.time() + 240
@@ -113,6 +105,8 @@ def test_killed_train_driver_then_the_same_command_continues(cluster, tmp_path):
     assert len(resumed) == 1 and 1 <= resumed[0] <= before[-1]
     steps = train_steps(run)
     assert steps[: len(before)] == before and steps[len(before) :] == list(range(resumed[0] + 1, 11))
+    straight = one_process(tmp_path / "ref", "drv", *settings[:2], "reward.name=colorfulness")  # faults:Slow's scores
+    assert_bitwise_equal(checkpoint_state(run / "checkpoints" / "step_000010"), checkpoint_state(straight / "checkpoints" / "local_step_000010"))
 
 
 def test_resume_after_killed_worker_and_after_restart(cluster, tmp_path):
@@ -224,3 +218,27 @@ def test_a_transient_storage_outage_is_retried_and_the_run_completes(cluster, tm
     assert train_steps(run) == [1, 2, 3, 4] and not any("resumed_from_step" in m for m in read_metrics(run))
     for step in (3, 4):
         verify(store / "blip" / f"step_{step:06d}")
+
+
+def test_a_deterministic_worker_error_is_not_retried_and_is_named(cluster, tmp_path):
+    """A ValueError inside the worker (the reward's first training call) with ray.max_failures=3: one attempt (no
+    restart: one process made one call; the run ends well within what one more attempt would take), and one line
+    naming the error and what to fix, not the advice to resume (docs/reliability.md, "Errors inside a worker")."""
+    from rayjobs.errors import UserError
+
+    calls = tmp_path / "calls"
+    reward = ["reward.name=faults:RaiseAt", f"reward.kwargs={{at_call: 1, log: '{calls}', message: 'RaiseAt: this reward rejects its input'}}"]
+    start = time.time()
+    with pytest.raises(UserError) as err:
+        fit_fast(tmp_path, "det", "train.steps=3", "train.checkpoint_every=1", "ray.max_failures=3", *reward)
+    end = time.time()
+    message = str(err.value)
+    assert "training failed on worker rank 0 with ValueError: RaiseAt: this reward rejects its input; not retried" in message, message
+    assert "\n" not in message and "resume" not in message
+    lines = calls.read_text().splitlines()
+    assert len(lines) == 1, lines  # one training call, in one worker process: Ray restarted nothing
+    assert not any("resumed_from_step" in m for m in read_metrics(tmp_path / "det"))
+    # A retry would start a new worker group that loads the model and samples before its first call again, most of
+    # the time from the start to the error (the rest is the driver's preflight); the run ended in a fraction of it.
+    raised_at = float(lines[0].split()[1])
+    assert end - raised_at < 0.5 * (raised_at - start), (end - raised_at, raised_at - start)

@@ -115,7 +115,9 @@ def _save_and_hang(cfg, run: Path, started) -> None:
 def test_kill_during_checkpoint_write_keeps_the_previous_one(tmp_path):
     cfg = _cfg(tmp_path, "train.steps=1")
     train_loop(cfg, tmp_path, LocalContext(tmp_path))
-    mp = multiprocessing.get_context("fork")
+    # spawn, not fork: a fork copies the parent's locks but not its other threads (pytest-xdist's, a run lock's
+    # heartbeat), and a child that needs a lock one of them held at the fork waits for ever.
+    mp = multiprocessing.get_context("spawn")
     started = mp.Event()
     child = mp.Process(target=_save_and_hang, args=(cfg, tmp_path, started))
     child.start()

@@ -6,13 +6,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 from PIL import Image
+from shortrun import SHORT
 from toydata import write_toy_images
 
 from rayjobs.cli import main
 from rayjobs.config import load_config
 from rayjobs.training.loop import LocalContext, train_loop
 
-FAST = ["sampler.steps=3", "data.eval_prompts=[a red circle]", "data.eval_seeds=[0,1]", "train.batch_size=2", "train.eval_every=0"]
+FAST = [*SHORT, "train.batch_size=2", "train.eval_every=0"]
 SAMPLE = ["sample", "--prompt", "a <shp> circle", "--steps", "3", "--seed", "1"]
 
 

@@ -4,6 +4,7 @@ StableDiffusionXLPipeline, DRaFT+ and the supervised presets run through the one
 import pytest
 import torch
 from diffusers import StableDiffusionXLPipeline
+from shortrun import SHORT
 from toydata import write_toy_images
 
 from models.components import build_tiny, save_components
@@ -17,8 +18,7 @@ from rayjobs.errors import UserError
 from rayjobs.training.loop import LocalContext, Worker
 
 PROMPTS = ["a red circle", "a blue square on a white background"]
-FAST = ["model.name_or_path=tiny-sdxl", "sampler.steps=3", "sampler.guidance=5.0", "data.eval_prompts=[a red circle]",
-        "data.eval_seeds=[0,1]", "train.batch_size=2", "train.eval_every=0"]  # fmt: skip
+FAST = ["model.name_or_path=tiny-sdxl", *SHORT, "sampler.guidance=5.0", "train.batch_size=2", "train.eval_every=0"]
 
 
 @pytest.fixture

@@ -254,6 +254,7 @@ SENTINELS = {
     "RAY_AUTH_TOKEN": "ray-auth-sentinel-0123456789abcdef",
 }
 CONFIG_SECRETS = ["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01", "URLPASSWORDSENTINEL"]
+PLAIN_SECRET = "plainSECRETsentinel"  # no token shape: only its key (`token`, `api_key`) marks it as a secret
 
 
 def test_redact_masks_secret_keys_urls_and_env_values(monkeypatch):
@@ -278,7 +279,8 @@ def test_redact_masks_secret_keys_urls_and_env_values(monkeypatch):
 def _secret_config(*more: str):
     from rayjobs.config import load_config
 
-    return load_config(ROOT / "configs" / "tiny.yaml", [f"reward.kwargs.token={CONFIG_SECRETS[0]}",
+    # Each secret is caught by one rule only (key name, token shape, URL password), so each rule is tested.
+    return load_config(ROOT / "configs" / "tiny.yaml", [f"reward.kwargs.api_key={PLAIN_SECRET}", f"reward.kwargs.comment={CONFIG_SECRETS[0]}",
                        f"ray.storage_path=s3://AKIDEXAMPLE:{CONFIG_SECRETS[1]}@bucket/runs", *more])  # fmt: skip
 
 
@@ -295,7 +297,7 @@ def test_run_directory_holds_no_secrets(tmp_path, monkeypatch):
     assert files
     for path in files:
         text = path.read_bytes().decode("utf-8", "replace")
-        for secret in [*SENTINELS.values(), *CONFIG_SECRETS]:
+        for secret in [*SENTINELS.values(), *CONFIG_SECRETS, PLAIN_SECRET]:
             assert secret not in text, f"{path.relative_to(run_dir)} holds a secret"
     assert "***" in (run_dir / "config.yaml").read_text(encoding="utf-8")
 
@@ -313,8 +315,16 @@ def test_submit_keeps_env_secrets_out_of_the_job(monkeypatch):
     assert {".env", "*.pem", ".aws"} <= set(env["runtime_env"]["excludes"])
 
 
-@pytest.mark.parametrize("override", [f"reward.kwargs.token={CONFIG_SECRETS[0]}",
-                                      f"ray.storage_path=s3://AKIDEXAMPLE:{CONFIG_SECRETS[1]}@bucket/runs"])  # fmt: skip
+# One detector per case: a plain value under a key that names a secret, a hub-token-shaped value under a
+# key that does not, a URL password. (A token-shaped value under `token` would pass if either alone worked.)
+CREDENTIAL_OVERRIDES = {
+    "secret-key": f"reward.kwargs.token={PLAIN_SECRET}",
+    "token-shape": f"reward.kwargs.note={CONFIG_SECRETS[0]}",
+    "url-password": f"ray.storage_path=s3://AKIDEXAMPLE:{CONFIG_SECRETS[1]}@bucket/runs",
+}
+
+
+@pytest.mark.parametrize("override", list(CREDENTIAL_OVERRIDES.values()), ids=list(CREDENTIAL_OVERRIDES))
 def test_submit_refuses_a_credential_in_an_override(override):
     from rayjobs.cluster import submit
     from rayjobs.errors import UserError
@@ -322,4 +332,13 @@ def test_submit_refuses_a_credential_in_an_override(override):
     args = SimpleNamespace(config=str(ROOT / "configs" / "tiny.yaml"), overrides=[override], sweep=False, working_dir=str(ROOT))
     with pytest.raises(UserError, match="credential") as err:
         submit.plan(args)
-    assert not any(s in str(err.value) for s in CONFIG_SECRETS)
+    assert not any(s in str(err.value) for s in [*CONFIG_SECRETS, PLAIN_SECRET])
+
+
+@pytest.mark.parametrize("override", [f"reward.kwargs.note={PLAIN_SECRET}", "reward.kwargs.note=plain-words",
+                                      "ray.storage_path=s3://bucket/runs"], ids=["neutral-key", "plain-value", "no-password"])  # fmt: skip
+def test_submit_passes_the_controls_of_the_credential_cases(override):
+    """Each refused override above differs from one of these in one thing: the key, the value, the password."""
+    from rayjobs.cluster import submit
+
+    submit.refuse_secret_overrides([override])

@@ -1,5 +1,5 @@
 """`draftray submit` / `draftray jobs` against a real head: `ray start --head` as a separate process on
-loopback, with its own temp dir, ports and auth token (token auth on, as Ray 2.60 defaults). Only the
+loopback, with its own temp dir, ports and auth token (token auth on: RAY_AUTH_MODE=token, as cluster.yaml does). Only the
 processes this module started are stopped, found by PID through the token in their environment."""
 
 import contextlib
@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 
 import pytest
+from shortrun import SHORT
 
 from rayjobs.cli import main
 from rayjobs.runlog import read_metrics
@@ -21,8 +22,7 @@ from rayjobs.runlog import read_metrics
 pytestmark = pytest.mark.ray
 
 ROOT = Path(__file__).parents[1]
-FAST = ["sampler.steps=3", "sampler.truncation_steps=1", "data.eval_prompts=[a red circle]", "data.eval_seeds=[0,1]",
-        "train.batch_size=1", "train.eval_every=0", "train.checkpoint_every=1"]  # fmt: skip
+FAST = [*SHORT, "sampler.truncation_steps=1", "train.batch_size=1", "train.eval_every=0", "train.checkpoint_every=1"]
 
 
 def _free_port() -> int:
@@ -113,6 +113,7 @@ def test_a_submitted_run_succeeds_with_its_logs_streamed(head, tmp_path, capsys)
     assert main(["jobs", "list"]) == 0 and "ok\tSUCCEEDED" in capsys.readouterr().out
 
 
+@pytest.mark.slow
 def test_a_failed_run_resubmitted_under_its_name_resumes(head, tmp_path, capsys):
     nan = ["reward.name=faults:NaNFrom", "reward.kwargs={at_call: 2}"]
     code, _, _ = _submit(capsys, *FAST, "train.steps=3", f"run.output_dir={tmp_path}", "run.name=again", *nan, "--follow")
@@ -122,6 +123,7 @@ def test_a_failed_run_resubmitted_under_its_name_resumes(head, tmp_path, capsys)
     assert [m["resumed_from_step"] for m in read_metrics(tmp_path / "again") if "resumed_from_step" in m] == [1]
 
 
+@pytest.mark.slow
 def test_an_active_run_is_refused_and_stop_stops_it(head, tmp_path, capsys):
     code, out, _ = _submit(capsys, *FAST, "train.steps=1000", f"run.output_dir={tmp_path}", "run.name=long")
     assert code == 0 and out.strip() == "long"
@@ -151,6 +153,7 @@ def test_bad_submissions_are_one_line_and_send_nothing(head, tmp_path, capsys):
     assert main(["jobs", "list"]) == 0 and "bad" not in capsys.readouterr().out
 
 
+@pytest.mark.slow
 def test_the_plain_ray_job_submit_way_works_too(head, tmp_path):
     """docs/cluster.md's `ray job submit` command, as written there (with this test's run settings)."""
     runtime_env = '{"working_dir": ".", "excludes": [".venv", "runs", ".git"]}'

@@ -8,13 +8,14 @@ from pathlib import Path
 import pytest
 import torch
 from PIL import Image
+from shortrun import SHORT
 from toydata import write_toy_images
 
 from rayjobs.config import load_config
 from rayjobs.runlog import read_metrics
 from rayjobs.training.loop import LocalContext, Worker, train_loop
 
-FAST = ["sampler.steps=3", "data.eval_prompts=[a red circle]", "data.eval_seeds=[0,1]", "train.batch_size=2", "train.eval_every=0"]
+FAST = [*SHORT, "train.batch_size=2", "train.eval_every=0"]
 
 
 def snapshot(folder: Path) -> dict[str, tuple[bytes, int]]:
@@ -167,20 +168,30 @@ def test_mixed_objective_reward_with_supervised_anchor(tmp_path):
 
 
 def test_full_run_exports_and_resumes(tmp_path):
+    """A LoRA fine-tune with EMA: 3 steps straight export the same weights as 2 steps, then a resumed 3rd (the EMA
+    travels in the checkpoint)."""
+    from safetensors.torch import load_file
+
     data = tmp_path / "data"
     write_toy_images(data, 2)
-    cfg = _cfg(tmp_path, "objective.preset=finetune", f"data.source={data}", "train.steps=2", "train.checkpoint_every=1", "trainable.ema_decay=0.9")
-    train_loop(cfg, tmp_path, LocalContext(tmp_path))
-    steps = [m["step"] for m in read_metrics(tmp_path) if "denoise" in m]
-    assert steps == [1, 2]
-    assert (tmp_path / "export" / "pytorch_lora_weights.safetensors").is_file()
+    settings = ["objective.preset=finetune", f"data.source={data}", "train.checkpoint_every=1", "trainable.ema_decay=0.9"]
+    straight, split = tmp_path / "straight", tmp_path / "split"
+    train_loop(_cfg(straight, *settings, "train.steps=3"), straight, LocalContext(straight))
+    train_loop(_cfg(split, *settings, "train.steps=2"), split, LocalContext(split))
+    assert [m["step"] for m in read_metrics(split) if "denoise" in m] == [1, 2]
+    assert (split / "export" / "pytorch_lora_weights.safetensors").is_file()
+    train_loop(_cfg(split, *settings, "train.steps=3"), split, LocalContext(split))
+    assert [m["resumed_from_step"] for m in read_metrics(split) if "resumed_from_step" in m] == [2]
+    assert [m["step"] for m in read_metrics(split) if "denoise" in m] == [1, 2, 3]
+    a, b = (load_file(r / "export" / "pytorch_lora_weights.safetensors") for r in (straight, split))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
 @pytest.mark.parametrize(
     "extra, message",
     [
         (["objective.preset=finetune"], "data.source: the denoise term"),
-        (["objective.preset=dreambooth", "data.source=x", "data.class_dir=y"], "data: Value error"),
+        (["objective.preset=dreambooth", "data.source=x", "data.class_dir=y"], "data: class_dir and class_prompt go together"),
         (["trainable.kind=none"], "trainable: nothing to train"),
         (["optim.phases=[{steps: 3, lr: {unet: 1.0}}]"], "optim.phases: steps sum to 3"),
         (["optim.phases=[{steps: 100, lr: {vae: 1.0}}]"], "unknown parameter group"),

@@ -62,8 +62,11 @@ def test_bad_validation_inputs_are_refused_before_training(tmp_path):
     bad.write_bytes((tmp_path / "ip2p" / "in" / "001.png").read_bytes()[:30])
     with pytest.raises(UserError, match=r"^data.eval_images .*eval.png: cannot decode"):
         preflight(cfg)
+    # One change from the valid edits config each: the image above, the model here (with a good image: a bad
+    # one too would let the case pass on the image alone).
+    good = tmp_path / "ip2p" / "in" / "001.png"
     with pytest.raises(UserError, match="data.eval_images: validation edits need an InstructPix2Pix UNet"):
-        load_config(None, FAST + [f"data.eval_images=[{bad}]"])
+        load_config(None, FAST + [f"data.eval_images=[{good}]"])
 
 
 def _caption_worker(tmp_path, *extra) -> Worker:

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import re
 import sys
 from datetime import datetime
 from pathlib import Path
@@ -21,9 +20,10 @@ from ray.train.torch import TorchConfig, TorchTrainer
 
 from rayjobs.cluster.preflight import check_resume, preflight
 from rayjobs.cluster.storage import check_storage, cluster_nodes
-from rayjobs.cluster.worker import CHECKPOINTS, worker_entry
+from rayjobs.cluster.worker import CHECKPOINTS, StopOnDeterministicError, training_failure, worker_entry
 from rayjobs.config import Config, to_yaml
 from rayjobs.errors import TrainingStopped, UserError
+from rayjobs.runlock import hold_run
 from rayjobs.runlog import METRICS_FILE, STOP_FILE, STOP_REQUEST, Watcher, new_records, read_metrics
 
 # torch, diffusers and the rewards are imported where used: a sweep's trial actors and Train's
@@ -47,7 +47,7 @@ def connect(cfg: Config, verbose: bool = False) -> bool:
             ray.init(address=address, log_to_driver=verbose)
         except Exception as err:  # noqa: BLE001  (ray raises several types here)
             hint = (
-                "; clusters use token auth by default since Ray 2.59: export RAY_AUTH_MODE=token and "
+                "; with token auth (on by default for a Ray 2.60 cluster from ray.init()): export RAY_AUTH_MODE=token and "
                 "RAY_AUTH_TOKEN=<`ray get-auth-token` on the head>, or RAY_AUTH_MODE=disabled if the cluster has no auth"
             )
             raise UserError(f"ray.address {address!r}: cannot connect ({str(err).splitlines()[0]}){hint}") from None
@@ -81,19 +81,21 @@ def fit(cfg: Config, verbose: bool = False) -> Path:
     """Runs (or resumes) training; returns the run directory."""
     cfg = preflight(cfg)
     run_dir = run_dir_for(cfg)
-    check_resume(cfg, run_dir)
-    started = connect(cfg, verbose)
-    try:
-        check_storage(cfg.ray.storage_path, cluster_nodes())
-        if started:  # a local cluster never grows: a run larger than it would wait forever
-            from rayjobs.cluster.driver import check_resources
+    # One driver per run name, from before anything is written until the end (docs/reliability.md, "One run per run name").
+    with hold_run(run_dir, cfg.ray.storage_path):
+        check_resume(cfg, run_dir)
+        started = connect(cfg, verbose)
+        try:
+            check_storage(cfg.ray.storage_path, cluster_nodes())
+            if started:  # a local cluster never grows: a run larger than it would wait forever
+                from rayjobs.cluster.driver import check_resources
 
-            check_resources([cfg])
-        prepare_run_dir(cfg, run_dir)
-        run_trainer(cfg, run_dir)
-    finally:
-        if started:
-            ray.shutdown()
+                check_resources([cfg])
+            prepare_run_dir(cfg, run_dir)
+            run_trainer(cfg, run_dir)
+        finally:
+            if started:
+                ray.shutdown()
     return run_dir
 
 
@@ -109,22 +111,13 @@ def prepare_run_dir(cfg: Config, run_dir: Path) -> None:
 
 
 def run_trainer(cfg: Config, run_dir: Path, callbacks: list = (), progress: bool = True, keep: int | None = 3) -> None:
-    """Fits one TorchTrainer on the connected cluster; failures and self-stops become TrainingStopped.
-    ``keep``: checkpoints kept (None = all; a sweep keeps every evaluated one)."""
+    """Fits one TorchTrainer on the connected cluster; self-stops and failures after the retries become
+    TrainingStopped, a worker's deterministic error (not retried) UserError (rayjobs/cluster/worker.py:
+    training_failure). ``keep``: checkpoints kept (None = all; a sweep keeps every evaluated one)."""
     try:
         _fit_trainer(cfg, run_dir, list(callbacks), progress, keep)
     except (ray.train.TrainingFailedError, ray.exceptions.RayError) as err:
-        storage = re.search(r"StorageError: (.+)", str(err))  # a worker's upload failed on every retry
-        if storage:
-            raise TrainingStopped(
-                f"{storage.group(1).strip()}; the checkpoints before it are kept: free space or fix ray.storage_path, "
-                "then start the same run.name to resume"
-            ) from err
-        first = next((line for line in str(err).splitlines() if line.strip()), type(err).__name__)
-        raise TrainingStopped(
-            f"training failed ({first.strip()}); checkpoints are kept, start the same run.name to resume; "
-            "--verbose shows the workers' logs"
-        ) from err
+        raise training_failure(err, cfg.ray.max_failures) from err
     stop = run_dir / STOP_FILE
     if stop.exists():
         raise TrainingStopped(stop.read_text(encoding="utf-8").strip())
@@ -145,9 +138,11 @@ def _fit_trainer(cfg: Config, run_dir: Path, callbacks: list, progress: bool, ke
         run_config=ray.train.RunConfig(
             name=run_dir.name if r.storage_path else CHECKPOINTS,  # same name in the same storage = resume
             storage_path=r.storage_path or str(run_dir),
+            # ray.max_failures retries a worker's failure from the last checkpoint; a deterministic one (a config,
+            # shape or type error) ends the run at once instead (docs/reliability.md, "Errors inside a worker").
             failure_config=ray.train.FailureConfig(max_failures=r.max_failures),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=keep),
-            callbacks=callbacks,
+            callbacks=[*callbacks, StopOnDeterministicError()],
         ),
     )
     with Progress(run_dir, cfg.train.steps) if progress else contextlib.nullcontext():

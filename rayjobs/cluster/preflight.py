@@ -8,7 +8,7 @@ from pathlib import Path
 from rayjobs.cluster.storage import check_writable
 from rayjobs.config import Config
 from rayjobs.config.reward import DiversityConfig
-from rayjobs.errors import UserError
+from rayjobs.errors import UserError, capped
 
 
 def preflight(cfg: Config) -> Config:
@@ -31,6 +31,7 @@ def preflight(cfg: Config) -> Config:
     except ModelNotFoundError as err:
         raise UserError(f"model.name_or_path: {err}") from None
     check_model_options(cfg)
+    check_lora_targets(cfg)
     for i, spec in enumerate(cfg.reward.specs()):
         where = f"reward.terms.{i}" if cfg.reward.terms else "reward"
         try:
@@ -104,6 +105,77 @@ def check_model_options(cfg: Config) -> None:
     sdxl = is_sdxl_source(cfg.model.name_or_path, cfg.model.revision)
     if sdxl and (cfg.trainable.unet_in_channels != 4 or cfg.data.conditioning_column or cfg.data.eval_images):
         raise UserError("trainable.unet_in_channels: InstructPix2Pix training is for SD 1.x models; model.name_or_path is SDXL")
+
+
+def check_lora_targets(cfg: Config) -> None:
+    """trainable.lora_targets: each name must match a module of the UNet that LoRA can adapt.
+
+    peft gives LoRA to every module whose name is a target or ends in '.' + target; it silently drops a target
+    that matches nothing while another matches, and fails on every worker when none does. The UNet's modules come
+    from the built-in tiny models, or from the UNet's config.json built on the meta device (no weights read); when
+    that config cannot be read here (a hub id not in the cache), the worker reports it (docs/reliability.md,
+    "Errors inside a worker").
+    """
+    if cfg.trainable.kind != "lora":
+        return
+    modules = unet_modules(cfg.model.name_or_path, cfg.model.revision)
+    if modules is None:
+        return
+    import difflib
+
+    import torch
+
+    adaptable = (torch.nn.Linear, torch.nn.Conv1d, torch.nn.Conv2d, torch.nn.Conv3d, torch.nn.Embedding, torch.nn.MultiheadAttention)
+    tails = sorted({_tail(name) for name, module in modules.items() if isinstance(module, adaptable)})
+    unmatched, unfit = [], []
+    for target in dict.fromkeys(cfg.trainable.lora_targets):
+        hits = [m for name, m in modules.items() if name == target or name.endswith("." + target)]
+        if not hits:
+            close = difflib.get_close_matches(target, tails, n=1)
+            unmatched.append(f"{target!r}" + (f" (did you mean {close[0]}?)" if close else ""))
+        elif not all(isinstance(m, adaptable) for m in hits):
+            kinds = sorted({type(m).__name__ for m in hits if not isinstance(m, adaptable)})
+            unfit.append(f"{target!r} names {', '.join(kinds)} modules, which LoRA cannot adapt")
+    if unmatched or unfit:
+        problems = ([f"{', '.join(unmatched)} match{'es' if len(unmatched) == 1 else ''} no module"] if unmatched else []) + unfit
+        examples = ", ".join(tails[:20]) + (", ..." if len(tails) > 20 else "")
+        raise UserError(
+            f"trainable.lora_targets: in the UNet of model {capped(cfg.model.name_or_path, 120)}, {'; '.join(problems)}; "
+            f"give ends of the names of its Linear, Conv or Embedding layers: {examples}"
+        )
+
+
+def _tail(name: str) -> str:
+    """The shortest end of a module name that says what it is: 'to_q', and 'to_out.0' for a numbered one."""
+    parts = name.split(".")
+    return ".".join(parts[-2:]) if parts[-1].isdigit() and len(parts) > 1 else parts[-1]
+
+
+def unet_modules(name_or_path: str, revision: str | None = None) -> dict | None:
+    """The UNet's modules by name: the built-in tiny models built (seconds at most), any other UNet built from its
+    config.json on the meta device (no weights read or allocated); None when the config cannot be read here
+    (a hub id not in the Hugging Face cache)."""
+    from models.components import BUILT_IN, TOY, TOY_DIR
+
+    if name_or_path in BUILT_IN:
+        from models.loading import load_components
+
+        return dict(load_components(name_or_path).unet.named_modules())
+    try:
+        import warnings
+
+        import torch
+        from diffusers import UNet2DConditionModel
+
+        # a hub id's config only from the cache: check_model_options has just read it (fetched where allowed)
+        source = str(TOY_DIR) if name_or_path == TOY else name_or_path
+        with warnings.catch_warnings():  # huggingface_hub's deprecation notices about diffusers' own arguments
+            warnings.simplefilter("ignore")
+            config = UNet2DConditionModel.load_config(source, subfolder="unet", revision=revision, local_files_only=True)
+        with torch.device("meta"):
+            return dict(UNet2DConditionModel.from_config(config).named_modules())
+    except Exception:  # noqa: BLE001 - an unreadable or unusual config: the worker loads the model and reports it
+        return None
 
 
 DATA_PATHS = ("source", "class_dir", "prompts_file", "instruction_templates")

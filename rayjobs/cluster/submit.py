@@ -48,7 +48,7 @@ def address_of(given: str | None) -> str:
 
 
 def connect(address: str):
-    """A JobSubmissionClient, or one line on why not (token auth is on by default since Ray 2.59)."""
+    """A JobSubmissionClient, or one line on why not (token auth: docs/security.md says what Ray 2.60 does)."""
     from ray.job_submission import JobSubmissionClient
 
     try:

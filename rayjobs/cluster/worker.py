@@ -4,6 +4,10 @@ RayContext reports metrics and checkpoints to Ray Train, uploads a checkpoint wi
 (ray.upload_attempts, rayjobs/cluster/storage.py), copies the run directory to ray.storage_path, and restores from
 the newest checkpoint that passes checkpoint.verify. rayjobs/cluster/driver.py builds the TorchTrainer around
 ``worker_entry``. torch is imported where used (Train's controller imports this module too).
+
+A worker's exception reaches the driver in Ray Train's TrainingFailedError; ``training_failure`` turns it into
+the one-line error the user sees, and StopOnDeterministicError ends a run at the first error that a retry would
+only repeat (docs/reliability.md, "Errors inside a worker").
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ import ray.train
 
 from rayjobs.cluster.storage import StorageError, pull_run_dir, retrying, run_uri, sync_run_dir
 from rayjobs.config import Config
+from rayjobs.errors import TrainingStopped, UserError, capped, first_line
 from rayjobs.runlog import PLACEMENT_GROUPS
 
 CHECKPOINTS = "checkpoints"  # <run dir>/checkpoints: Ray Train's storage for a run without ray.storage_path
@@ -120,3 +125,125 @@ def record_placement_group(run_dir: Path) -> None:
     if pg is not None:
         with open(run_dir / PLACEMENT_GROUPS, "a", encoding="utf-8") as f:
             f.write(pg.id.hex() + "\n")
+
+
+# ---- errors raised inside a worker (docs/reliability.md, "Errors inside a worker") ---------------------------
+
+# Errors that fail the same way on every attempt: bad configuration, shapes and types. A retry restores the last
+# checkpoint and runs the same code on the same input, so it only repeats them (ray.max_failures times).
+DETERMINISTIC = (UserError, ValueError, TypeError, LookupError, AttributeError, NotImplementedError, ImportError)
+# The project's bad-input errors that derive from OSError (which is retried): by name, so that Ray Train's
+# controller, which classifies with this module, need not import the model code and torch.
+DETERMINISTIC_NAMES = frozenset({"models.components.ModelNotFoundError"})
+
+# Messages of libraries (and of the project, without the field's name in front) that concern one config field.
+FIELD_PATTERNS = (
+    (r"Target modules? .*(not found in the base model|is not supported)", "trainable.lora_targets"),  # peft's LoRA
+    (r"model (path )?'[^']*' (does not exist|lacks|could not be loaded)", "model.name_or_path"),  # models/loading.py
+)
+
+
+class DeterministicWorkerError(UserError):
+    """A worker's error that a retry would repeat: raised on Ray Train's controller by StopOnDeterministicError,
+    it reaches the driver as the ControllerError's ``controller_failure``. The message is the one line to show."""
+
+
+class StopOnDeterministicError(ray.train.UserCallback):
+    """Ends a run at a worker's first deterministic error (DETERMINISTIC) instead of ray.max_failures retries.
+
+    Ray Train V2's failure policy retries every worker-group error up to FailureConfig.max_failures and has no
+    public way to choose which. A UserCallback's ``after_exception`` runs on the controller at the poll that found
+    the workers' errors, before the policy decides; an exception raised there ends that controller step as a
+    ControllerError, which the policy does not retry: the worker group is shut down and ``fit`` raises it. Every
+    other error (a killed worker, a lost node, a storage OSError) passes through to the retries.
+    """
+
+    def after_exception(self, run_context, worker_exceptions: dict) -> None:
+        found = deterministic_failure(worker_exceptions)
+        if found is not None:
+            raise DeterministicWorkerError(deterministic_message(*found))
+
+
+def is_deterministic(err: BaseException) -> bool:
+    """True for an error that recurs on a retry; False for what a retry can get past: a killed or out-of-memory
+    worker, a lost node, a network or storage OSError, a collective's RuntimeError."""
+    if any(f"{c.__module__}.{c.__qualname__}" in DETERMINISTIC_NAMES for c in type(err).__mro__):
+        return True
+    return isinstance(err, DETERMINISTIC) and not isinstance(err, OSError)
+
+
+def worker_exception(err: BaseException) -> BaseException:
+    """The exception the training function raised, from what Ray Train reports for a worker: Ray wraps it with
+    its traceback text and passes the exception as the wrapper's first argument. A worker that died (its
+    health check failed) has no such exception: its report is returned as it is."""
+    inner = err.args[0] if err.args else None
+    return inner if isinstance(inner, BaseException) else err
+
+
+def deterministic_failure(failures: dict) -> tuple[int, BaseException] | None:
+    """(rank, exception) of the lowest rank whose exception is deterministic, or None."""
+    found = [(rank, worker_exception(err)) for rank, err in failures.items() if is_deterministic(worker_exception(err))]
+    return min(found, key=lambda item: item[0]) if found else None
+
+
+def described(err: BaseException) -> str:
+    """``Type: first line of the message`` (capped), one line. A wrapper that holds only a traceback's text
+    gives the traceback's last ``Type: message`` line."""
+    text = first_line(err)
+    if text.startswith("Traceback (most recent call last)"):
+        last = [line for line in str(err).splitlines() if re.match(r"[A-Za-z_][\w.]*: ", line)]
+        return capped(last[-1]) if last else type(err).__name__
+    return type(err).__name__ if text == type(err).__name__ else f"{type(err).__name__}: {capped(text)}"
+
+
+def config_field(err: BaseException) -> str | None:
+    """The config field an error concerns, where its message says: ``section.key: ...`` (the project's own
+    messages) or a message of FIELD_PATTERNS; else None."""
+    message = str(err).strip()
+    named = re.match(r"(?:config )?([a-z_]+(?:\.[A-Za-z0-9_]+)+)\b", message)
+    if named and named.group(1).split(".")[0] in Config.model_fields:
+        return named.group(1)
+    return next((field for pattern, field in FIELD_PATTERNS if re.match(pattern, message, re.S)), None)
+
+
+def deterministic_message(rank: int, err: BaseException) -> str:
+    """The one line for a deterministic worker error: the project's UserError as it is (it names the field and
+    the fix), else the exception's type and message, the field where known, and that a retry would not help."""
+    if isinstance(err, UserError):
+        return capped(str(err), 500)
+    field = config_field(err)
+    fix = f"fix {field}" if field else "fix the setting or input it names"
+    return (f"{field + ': ' if field else ''}training failed on worker rank {rank} with {described(err)}; not retried "
+            f"(this kind of error recurs on every attempt): {fix} and start the run again; --verbose shows the traceback")  # fmt: skip
+
+
+def training_failure(err: BaseException, max_failures: int) -> Exception:
+    """The one-line error for a failed ``fit``: UserError (exit 2) for a deterministic worker error, which says
+    what to fix; else TrainingStopped naming the worker's error, the retries spent, and that the same run.name
+    resumes from the checkpoints kept."""
+    failure = getattr(err, "controller_failure", None)  # ray.train.ControllerError
+    if isinstance(failure, UserError):  # StopOnDeterministicError's, or a callback's own
+        return UserError(str(failure))
+    failures = getattr(err, "worker_failures", None) or {}  # ray.train.WorkerGroupError
+    found = deterministic_failure(failures)
+    if found is not None:  # the callback did not end the run (the retries are spent): the advice is the same
+        return UserError(deterministic_message(*found))
+    if failures:
+        rank = min(failures)
+        inner = worker_exception(failures[rank])
+    else:
+        rank, inner = None, failure if isinstance(failure, BaseException) else err
+    storage = inner if isinstance(inner, StorageError) else re.search(r"StorageError: (.+)", str(err))
+    if storage:  # a worker's upload failed on every retry
+        reason = first_line(storage) if isinstance(storage, StorageError) else storage.group(1).strip()
+        return TrainingStopped(
+            f"{capped(reason, 500)}; the checkpoints before it are kept: free space or fix ray.storage_path, "
+            "then start the same run.name to resume"
+        )
+    tries = max_failures + 1
+    attempts = f" after {tries} attempt{'s' if tries > 1 else ''} (ray.max_failures={max_failures})" if failures and max_failures >= 0 else ""
+    where = f" on worker rank {rank}" if rank is not None else ""
+    return TrainingStopped(
+        f"training failed{attempts}{where}: {described(inner)}; checkpoints are kept, start the same run.name to resume; "
+        "--verbose shows the workers' logs"
+    )

@@ -15,6 +15,7 @@ write the same content and the last one wins.
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
 import re
 import tempfile
@@ -29,6 +30,8 @@ FORMAT = b"draftray-latent-cache-v1"
 TENSOR = "tensor"
 _HEX64 = re.compile(r"[0-9a-f]{64}")
 
+logger = logging.getLogger(__name__)
+
 
 def cacheable(transform) -> bool:
     """True when ``transform`` (rayjobs.data.images.ImageTransform) gives the same pixels every time."""
@@ -36,12 +39,14 @@ def cacheable(transform) -> bool:
 
 
 class LatentCache:
-    """Tensors on disk under ``directory``, keyed by content. ``hits``/``misses`` count lookups."""
+    """Tensors on disk under ``directory``, keyed by content. ``hits``/``misses`` count lookups;
+    ``corrupt`` counts the unreadable files among the misses (each logged at warning level, then recomputed)."""
 
     def __init__(self, directory: str | Path):
         self.directory = Path(directory)
         self.hits = 0
         self.misses = 0
+        self.corrupt = 0
 
     @staticmethod
     def key(*parts: bytes | str) -> str:
@@ -76,7 +81,7 @@ class LatentCache:
     def get_or_compute(self, key: str, fn: Callable[[], torch.Tensor]) -> torch.Tensor:
         """The cached tensor of ``key`` (on CPU), else ``fn()`` stored and returned as fn gave it.
 
-        An unreadable cache file (damaged disk) counts as a miss and is rewritten.
+        An unreadable cache file (damaged disk) counts as a miss (and in ``corrupt``) and is rewritten.
         """
         tensor = self.load(key)
         if tensor is not None:
@@ -86,15 +91,18 @@ class LatentCache:
         return tensor
 
     def load(self, key: str) -> torch.Tensor | None:
-        """The cached tensor of ``key`` on CPU, or None (counted as a miss; so is an unreadable file)."""
+        """The cached tensor of ``key`` on CPU, or None (counted as a miss; an unreadable file is also counted
+        in ``corrupt`` and logged with its path and reason)."""
         path = self.path(key)
         if path.is_file():
             try:
                 tensor = load_file(path)[TENSOR]
                 self.hits += 1
                 return tensor
-            except (SafetensorError, OSError, KeyError, ValueError):
-                pass
+            except (SafetensorError, OSError, KeyError, ValueError) as err:
+                # Said, not silent: a disk that damages files keeps costing encoder passes, and only the log shows it.
+                self.corrupt += 1
+                logger.warning("latent cache: %s is unreadable (%s: %s); recomputing it", path, type(err).__name__, err)
         self.misses += 1
         return None
 

@@ -17,6 +17,12 @@ nor full once thresholded at 0.5; a non-binary mask is thresholded, said once on
 
 Table layouts are read by rayjobs/data/tables.py; decoding is shared with the training-time
 dataset (rayjobs/data/images.py).
+
+Special files (a FIFO, device or socket) are never opened: opening a FIFO blocks until something writes
+to it, and a device such as /dev/zero never ends. Every file the loader would read is stat()ed first: a
+special file among an item's files (image, caption, mask; or a symlink to one) makes that item bad (one
+line naming it, or skipped with ``skip_bad``); one where the layout's own files go (metadata.jsonl,
+state.json, .parquet, .arrow) is an error. Other files are never read, whatever they are.
 """
 
 from __future__ import annotations
@@ -27,6 +33,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageOps
 
+from rayjobs.config.data import special_file
 from rayjobs.data import tables
 from rayjobs.data.records import (
     IMAGE_EXTENSIONS,
@@ -72,6 +79,7 @@ def load_records(
     root = Path(source)
     if not root.exists():
         raise UserError(f"{where} {root}: not found (give a folder, a .parquet file or a save_to_disk folder)")
+    _refuse_special(root, where)
     masks_spec = (masks, mask_column)
     if root.is_file():
         if root.suffix.lower() == ".parquet":
@@ -99,13 +107,19 @@ def _folder_records(root: Path, image_columns, text_column, fixed_caption, where
     """Picks the layout of a folder: save_to_disk, metadata.jsonl, parquet, then plain images."""
 
     args = (image_columns, text_column, fixed_caption, where)
+    for name in LAYOUT_FILES:
+        _refuse_special(root / name, where)
     if (root / "dataset_dict.json").is_file():
         return _folder_records(tables.pick_split(root, where), *args, masks_spec)
     if (root / "state.json").is_file() or (root / "dataset_info.json").is_file():
+        for shard in tables.arrow_files(root, where):
+            _refuse_special(shard, where)
         return tables.arrow_records(root, *args, _table_mask(masks_spec, root, where))
     if (root / "metadata.jsonl").is_file():
         return tables.jsonl_records(root, *args, _table_mask(masks_spec, root, where))
-    parquets = sorted(p for p in root.rglob("*.parquet") if p.is_file() and not _hidden(p, root))
+    parquets = sorted(p for p in root.rglob("*.parquet") if _is_file_or_special(p) and not _hidden(p, root))
+    for path in parquets:
+        _refuse_special(path, where)
     if parquets:
         return tables.parquet_records(parquets, root, *args, _table_mask(masks_spec, root, where))
     masks, mask_column = masks_spec
@@ -116,6 +130,25 @@ def _folder_records(root: Path, image_columns, text_column, fixed_caption, where
         )
     records = _image_folder_records(root, image_columns, fixed_caption, where)
     return [_with_mask_file(record) for record in records] if masks else records
+
+
+LAYOUT_FILES = ("dataset_dict.json", "state.json", "dataset_info.json", "metadata.jsonl")  # read whole to pick the layout
+
+
+def _refuse_special(path: Path, where: str) -> None:
+    """UserError when ``path`` is a FIFO, device or socket (only stat()ed; a missing path passes)."""
+    kind = special_file(path)
+    if kind is not None:
+        raise UserError(f"{where} {path}: {kind}, not a regular file: reading it could wait forever; remove it or replace it with the file")
+
+
+def _is_file_or_special(path: Path) -> bool:
+    """A regular file or a special one (FIFO, device, socket), following symlinks; not a folder, not missing."""
+    return path.is_file() or special_file(path) is not None
+
+
+def _special_reason(kind: str) -> str:
+    return f"{kind}, not a regular file: reading it could wait forever"
 
 
 def _hidden(path: Path, root: Path) -> bool:
@@ -134,8 +167,9 @@ def mask_file(image: Path) -> Path:
 
 def find_images(root: Path) -> list[Path]:
     """Image files under ``root`` (recursive, extension case-insensitive, hidden entries and
-    ``*.mask.png`` masks skipped), sorted."""
-    found = [p for p in root.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and not is_mask_file(p) and p.is_file()]
+    ``*.mask.png`` masks skipped), sorted. A FIFO, device or socket with an image's name is listed too, so
+    check_record reports it instead of it vanishing from the data unsaid; it is never opened."""
+    found = [p for p in root.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and not is_mask_file(p) and _is_file_or_special(p)]
     return sorted((p for p in found if not _hidden(p, root)), key=lambda p: p.relative_to(root).as_posix())
 
 
@@ -164,6 +198,9 @@ def _captioned(root: Path, path: Path, column: str, fixed_caption: str | None) -
     if fixed_caption is not None:
         return Record(key, images, fixed_caption, name=str(path))
     caption = path.with_suffix(".txt")
+    kind = special_file(caption)
+    if kind is not None:  # never read_text() it: a FIFO blocks the open until something writes to it
+        return Record(key, images, None, f"caption file {caption.name} is {_special_reason(kind)}", name=str(path))
     try:
         text = caption.read_text(encoding="utf-8-sig").strip()
     except FileNotFoundError:
@@ -180,7 +217,7 @@ def _with_mask_file(record: Record) -> Record:
     image = next(iter(record.images.values()))
     path = mask_file(image.path)
     images = {**record.images, MASK: ImageRef(name=str(path), path=path)}
-    if record.problem is None and not path.is_file():
+    if record.problem is None and not _is_file_or_special(path):  # a special one: check_record names it
         problem = f"no mask file {path.name} beside it (data.mask_kind: dataset)"
         return Record(record.key, images, record.text, problem, name=str(image.path))
     return Record(record.key, images, record.text, record.problem, name=record.name)
@@ -192,6 +229,10 @@ def check_record(record: Record) -> None:
     name = record.name or record.key
     if record.problem is not None:
         raise BadItem(name, record.problem, "fix it or remove the item")
+    for ref in record.images.values():
+        kind = special_file(ref.path) if ref.path is not None else None
+        if kind is not None:  # before decode(): reading a FIFO blocks, a device may never end
+            raise BadItem(ref.name, _special_reason(kind), "remove it or replace it with the image")
     if record.text is None or not record.text.strip():
         raise BadItem(name, "empty caption", "write a caption")
     sizes = {}

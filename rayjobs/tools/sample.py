@@ -21,11 +21,13 @@ builds one directly, and both go through the same checks and the same pipelines.
 from __future__ import annotations
 
 import importlib.util
+import math
+import numbers
 import os
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import Literal, get_args
+from typing import Literal, get_args, get_type_hints
 
 import numpy as np
 import torch
@@ -36,7 +38,9 @@ from models.export import LORA_FILE
 from models.loading import load_components
 from models.masks import binarize
 from models.textual_inversion import SDXL_TI_KEYS, TI_FILE
-from rayjobs.errors import UserError
+from rayjobs.config.base import SEED_LIMIT
+from rayjobs.config.data import special_file
+from rayjobs.errors import UserError, first_line
 
 TINY_REFINER = "tiny-refiner"  # models/sdxl.build_tiny_refiner, paired with the tiny SDXL's encoder and VAE
 MASK_THRESHOLD = 128  # of 255: >= 0.5 repaints (models.masks.binarize, as diffusers' mask processor)
@@ -44,6 +48,10 @@ INPAINT_CHANNELS = (4, 9)  # UNet inputs the inpainting pipelines take: text-to-
 Scheduler = Literal["ddim", "pndm", "euler", "euler_a", "dpmsolver++"]  # models/schedulers.py's names
 PromptWeighting = Literal["none", "compel"]
 SCHEDULERS, PROMPT_WEIGHTINGS = get_args(Scheduler), get_args(PromptWeighting)
+# The largest --height/--width: 16x SDXL's native 1024 px, far past any Stable Diffusion model's training size;
+# a larger side is a typo, and its latents alone would not fit in memory (the process is killed, not refused).
+MAX_SIDE = 16384
+ECHO_CHARS = 40  # a bad value is echoed in at most this many characters (a 10**30 seed stays readable)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -57,15 +65,15 @@ class SampleRequest:
     out: str  # output directory for the PNGs (created if missing)
     lora: str | None = None  # directory holding pytorch_lora_weights.safetensors (a run's export/)
     negative_prompt: str | None = None  # text for the unconditional branch
-    seed: int = 0  # seed of the first image; image i uses seed + i
-    steps: int = 50  # denoising steps
+    seed: int = 0  # seed of the first image; image i uses seed + i (each in 0 .. 2**32 - 1)
+    steps: int = 50  # denoising steps, 1 .. the model's training timesteps (1000)
     guidance: float | None = None  # classifier-free guidance scale; None: the pipeline's (7.5 SD 1.x, 5.0 SDXL)
-    height: int | None = None  # pixels, a multiple of 8; None: the model's native size
-    width: int | None = None  # pixels, a multiple of 8; None: the model's native size
+    height: int | None = None  # pixels, a multiple of 8 up to MAX_SIDE; None: the model's native size
+    width: int | None = None  # pixels, a multiple of 8 up to MAX_SIDE; None: the model's native size
     num_images: int = 1  # how many images
     scheduler: Scheduler | None = None  # sampling scheduler; None: the model's
     lora_scale: float = 1.0  # strength of the LoRA (0 = the base model)
-    embeddings: tuple[str, ...] = ()  # textual-inversion files or directories (SDXL: files of clip_l and clip_g rows)
+    embeddings: tuple[str, ...] = ()  # textual-inversion safetensors files or directories (SDXL: files of clip_l and clip_g rows)
     token: str | None = None  # SDXL embeddings: the token to load them under when the file's metadata names none
     vae: str | None = None  # a VAE in diffusers layout replacing the model's (e.g. the fp16-fix SDXL VAE)
     refiner: str | None = None  # SDXL: a refiner in diffusers layout (or 'tiny-refiner') finishing the base's denoising
@@ -88,6 +96,51 @@ class SampleRequest:
         object.__setattr__(self, "embeddings", tuple(os.fspath(p) for p in embeddings))
 
 
+# The numeric fields, by type: each int reaches torch as a seed, a step count or a tensor side, each float as a
+# scale the pipelines multiply by (a NaN guidance scale silently gives an unguided image), so _check refuses
+# non-integers and non-finite floats in all of them (tests/test_cli.py checks these lists against the fields).
+_HINTS = get_type_hints(SampleRequest)
+INT_FIELDS = tuple(f.name for f in fields(SampleRequest) if _HINTS[f.name] in (int, int | None))
+FLOAT_FIELDS = tuple(f.name for f in fields(SampleRequest) if _HINTS[f.name] in (float, float | None))
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def _echo(value) -> str:
+    """``value`` for an error line: its repr, shortened; an int too long for str() (Python's 4300-digit limit)
+    by its size."""
+    try:
+        text = repr(value)
+    except ValueError:
+        return f"an integer of {value.bit_length()} bits"
+    return text if len(text) <= ECHO_CHARS else f"{text[: ECHO_CHARS // 2]}...{text[-ECHO_CHARS // 2 :]} ({len(text)} characters)"
+
+
+def _finite(value: numbers.Real) -> bool:
+    try:
+        return math.isfinite(value)
+    except OverflowError:  # an int too large for a float: the pipelines would turn it into inf
+        return False
+
+
+def _check_numbers(request: SampleRequest) -> None:
+    """Every int field an integer, every float field a finite number (None where the field allows it)."""
+    for name in INT_FIELDS:
+        value = getattr(request, name)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, numbers.Integral)):
+            raise UserError(f"{_flag(name)} must be an integer, got {_echo(value)}")
+    for name in FLOAT_FIELDS:
+        value = getattr(request, name)
+        if value is None:
+            continue
+        if isinstance(value, bool) or not isinstance(value, numbers.Real):
+            raise UserError(f"{_flag(name)} must be a number, got {_echo(value)}")
+        if not _finite(value):
+            raise UserError(f"{_flag(name)} must be a finite number, got {_echo(value)}")
+
+
 def _local_or_hub(value: str) -> bool:
     """True for an existing path or something shaped like a hub id ("org/name"), which from_pretrained resolves."""
     path = Path(value).expanduser()
@@ -101,19 +154,29 @@ def _check(request: SampleRequest) -> None:
         raise UserError(f"--scheduler must be one of {', '.join(SCHEDULERS)}, got {request.scheduler!r}")
     if request.prompt_weighting not in PROMPT_WEIGHTINGS:
         raise UserError(f"--prompt-weighting must be one of {', '.join(PROMPT_WEIGHTINGS)}, got {request.prompt_weighting!r}")
+    _check_numbers(request)
     if request.steps < 1:
-        raise UserError(f"--steps must be >= 1, got {request.steps}")
+        raise UserError(f"--steps must be >= 1, got {_echo(request.steps)}")
     if request.num_images < 1:
-        raise UserError(f"--num-images must be >= 1, got {request.num_images}")
+        raise UserError(f"--num-images must be >= 1, got {_echo(request.num_images)}")
+    # the config's seed range (rayjobs/config/base.py Seed), for every image's seed + i: torch wraps a negative
+    # seed round and fails past 2**64 with a traceback, and a run's config could not name such a seed
+    if not 0 <= request.seed < SEED_LIMIT:
+        raise UserError(f"--seed must be in 0 <= seed < 2**32 ({SEED_LIMIT}), got {_echo(request.seed)}")
+    last = request.seed + request.num_images - 1
+    if last >= SEED_LIMIT:
+        raise UserError(f"--seed {request.seed} with --num-images {_echo(request.num_images)}: image i uses seed + i, and the last "
+                        f"seed, {_echo(last)}, is not below 2**32 ({SEED_LIMIT}); lower --seed or --num-images")  # fmt: skip
     for name in ("height", "width"):
         value = getattr(request, name)
         if value is not None and (value < 8 or value % 8):
-            raise UserError(f"--{name} must be a positive multiple of 8, got {value}")
+            raise UserError(f"--{name} must be a positive multiple of 8, got {_echo(value)}")
+        if value is not None and value > MAX_SIDE:
+            raise UserError(f"--{name} must be at most {MAX_SIDE} pixels, got {_echo(value)}")
     if request.lora and not (Path(request.lora) / LORA_FILE).is_file():
         raise UserError(f"--lora {request.lora}: no {LORA_FILE} there (give a run's export/ directory)")
     for path in request.embeddings:
-        if not Path(path).exists():
-            raise UserError(f"--embeddings {path}: no such file or directory (give learned_embeds.safetensors or its directory)")
+        embeddings_file(path)
     if request.image and not Path(request.image).is_file():
         raise UserError(f"--image {request.image}: no such file")
     if request.mask is None:
@@ -157,7 +220,16 @@ def _components(request: SampleRequest) -> Components:
         raise UserError("--image: InstructPix2Pix editing needs an SD 1.x InstructPix2Pix model; this is an SDXL model")
     if request.refiner and not comps.is_sdxl:
         raise UserError(f"--refiner: a refiner continues an SDXL base; {request.model!r} is SD 1.x")
+    _check_steps(request, comps.scheduler, "--model")
     return comps
+
+
+def _check_steps(request: SampleRequest, scheduler, which: str) -> None:
+    """No more steps than the timesteps the model was trained on: diffusers' DDIM raises past them (a traceback),
+    the other schedulers repeat or interpolate timesteps, and a huge count would allocate its schedule first."""
+    limit = scheduler.config.num_train_timesteps
+    if request.steps > limit:
+        raise UserError(f"--steps must be <= {limit} ({which}'s scheduler has num_train_timesteps {limit}), got {_echo(request.steps)}")
 
 
 def build_pipeline(request: SampleRequest):
@@ -212,24 +284,49 @@ def _inpaint_pipeline(pipe, comps: Components):
     return pipe
 
 
+def embeddings_file(path: str) -> Path:
+    """The safetensors file an ``--embeddings`` value names: the file itself, or ``learned_embeds.safetensors`` in a
+    directory; UserError unless it is a readable safetensors file. Embeddings are read as safetensors only, never
+    unpickled (docs/security.md); the header is read without opening a FIFO or loading a model."""
+    given = Path(path)
+    hint = f"safetensors expected (give {TI_FILE}, or a run's export/ directory)"
+    if not given.exists():
+        raise UserError(f"--embeddings {path}: no such file or directory; {hint}")
+    file = given / TI_FILE if given.is_dir() else given
+    if given.is_dir() and not file.exists():
+        several = sorted(p.name for p in given.glob("learned_embeds_*.safetensors"))
+        if several:  # an export of several placeholders: one file each (models/textual_inversion.py)
+            hint = f"safetensors expected (several placeholders: give each file, --embeddings {given / several[0]} ...)"
+        raise UserError(f"--embeddings {path}: no {TI_FILE} in this directory; {hint}")
+    kind = special_file(file)
+    if kind is not None or not file.is_file():  # a FIFO would block the read until something writes to it
+        raise UserError(f"--embeddings {file}: {kind or 'not a regular file'}, not a file to read; {hint}")
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(file), framework="pt") as f:
+            f.keys()
+    except Exception as err:  # noqa: BLE001  (SafetensorError for a pickle, garbage or a cut-off file; OSError)
+        raise UserError(f"--embeddings {path}: not a readable .safetensors file ({first_line(err)}); {hint}") from None
+    return file
+
+
 def _load_embeddings(pipe, path: Path, is_sdxl: bool, token: str | None) -> None:
     """SD 1.x: diffusers reads the file (its key is the token). SDXL: the file's ``clip_l`` rows go to
     the first encoder and ``clip_g`` to the second, under one token (metadata "token", else ``--token``)."""
     from safetensors import safe_open
 
-    file = path / TI_FILE if path.is_dir() else path
-    keys, metadata = set(), {}
-    if file.suffix == ".safetensors" and file.is_file():
-        try:
-            with safe_open(str(file), framework="pt") as f:
-                keys, metadata = set(f.keys()), f.metadata() or {}
-        except Exception as err:  # noqa: BLE001  (SafetensorError: not a safetensors file)
-            raise UserError(f"--embeddings {path}: not a readable .safetensors file ({str(err).strip().splitlines()[0]})") from None
+    file = embeddings_file(str(path))
+    with safe_open(str(file), framework="pt") as f:
+        keys, metadata = set(f.keys()), f.metadata() or {}
     try:
         if not set(SDXL_TI_KEYS) <= keys:
             if is_sdxl:
                 raise UserError(f"--embeddings {path}: an SDXL model needs a .safetensors file with {' and '.join(SDXL_TI_KEYS)} rows")
-            pipe.load_textual_inversion(str(path))
+            if len(keys) != 1:  # diffusers' own error would print the tensors
+                names = ", ".join(sorted(keys)[:4]) + (", ..." if len(keys) > 4 else "")
+                raise UserError(f"--embeddings {path}: {len(keys)} tensors ({names or 'none'}); an SD 1.x embedding file holds one, named by its token")
+            pipe.load_textual_inversion(str(file), use_safetensors=True)  # safetensors only: no fallback to a pickle
             return
         if not is_sdxl:
             raise UserError(f"--embeddings {path}: an SDXL embedding file (clip_l/clip_g), but the model is SD 1.x")
@@ -242,7 +339,7 @@ def _load_embeddings(pipe, path: Path, is_sdxl: bool, token: str | None) -> None
         pipe.load_textual_inversion(rows["clip_l"], token=token, text_encoder=pipe.text_encoder, tokenizer=pipe.tokenizer)
         pipe.load_textual_inversion(rows["clip_g"], token=token, text_encoder=pipe.text_encoder_2, tokenizer=pipe.tokenizer_2)
     except ValueError as err:
-        raise UserError(f"--embeddings {path}: {str(err).strip().splitlines()[0]}; give embeddings trained for --model's text encoder") from None
+        raise UserError(f"--embeddings {path}: {first_line(err)}; give embeddings trained for --model's text encoder") from None
 
 
 def build_refiner(request: SampleRequest, base):
@@ -271,6 +368,7 @@ def build_refiner(request: SampleRequest, base):
         from models.schedulers import make_scheduler
 
         refiner.scheduler = make_scheduler(request.scheduler, refiner.scheduler)
+    _check_steps(request, refiner.scheduler, "--refiner")
     refiner.set_progress_bar_config(disable=True)
     return refiner
 

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 from pathlib import Path
 from typing import Callable
@@ -38,6 +39,8 @@ MANIFEST = "manifest.json"
 TMP_PREFIX = ".tmp-"  # files being written; never part of a checkpoint
 FORMAT = 1
 
+logger = logging.getLogger(__name__)
+
 # Test hook: called with each file's final path right after it is in place (tests/test_reliability.py).
 on_file_written: Callable[[Path], None] | None = None
 
@@ -51,14 +54,18 @@ def manifest_name(rank: int) -> str:
 
 
 def _fsync(path: Path) -> None:
+    """Flush ``path`` to the disk. A failure does not stop the save (the rename still makes the file whole
+    under its name), but the file may not survive a power loss, so it is logged (docs/reliability.md)."""
     try:
         fd = os.open(path, os.O_RDONLY)
-    except OSError:
+    except OSError as err:
+        logger.warning("checkpoint: cannot open %s to fsync it (%s); it may not survive a crash of the machine", path, err)
         return
     try:
         os.fsync(fd)
-    except OSError:  # a directory on some filesystems
-        pass
+    except OSError as err:
+        if not path.is_dir():  # some filesystems refuse fsync on a directory (EINVAL): expected, not a loss
+            logger.warning("checkpoint: fsync of %s failed (%s); it may not survive a crash of the machine", path, err)
     finally:
         os.close(fd)
 

@@ -31,6 +31,7 @@ from rayjobs.cluster.storage import check_storage, cluster_nodes, pull_run_dir, 
 from rayjobs.config import Config, load_config, set_dotted, to_yaml, validate
 from rayjobs.config.sweep import ParamSpec
 from rayjobs.errors import TrainingStopped, UserError
+from rayjobs.runlock import hold_run
 from rayjobs.runlog import STOP_REQUEST, Watcher, new_records, read_metrics, read_status, write_status
 from rayjobs.tune.pareto import TRIALS, build_outputs, diversity_key, get_dotted
 from rayjobs.tune.resources import ReleaseTrainResources
@@ -209,24 +210,26 @@ def run_sweep(cfg: Config, verbose: bool = False) -> Path:
     cfg = preflight(cfg)
     variants = check_sweep(cfg, cfg.model_dump(mode="json"))
     out = sweep_dir_for(cfg)
-    if (out / TUNE).exists():
-        raise UserError(f"sweep.name: {out} already holds a sweep; `draftray sweep --resume {out}` continues it, or pick another sweep.name")
-    started = connect(cfg, verbose)
-    try:
-        check_storage(cfg.ray.storage_path, cluster_nodes())
-        check_resources(variants)
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "sweep.yaml").write_text(to_yaml(cfg), encoding="utf-8")
-        tuner = tune.Tuner(
-            _trainable(cfg, out),
-            param_space=tune_space(cfg.sweep.params),
-            tune_config=tune.TuneConfig(num_samples=cfg.sweep.num_samples, search_alg=_search(cfg), scheduler=_scheduler(cfg)),
-            run_config=_run_config(cfg, out, verbose),
-        )
-        return _finish(cfg, out, tuner)
-    finally:
-        if started:
-            ray.shutdown()
+    # One driver per sweep directory, from before anything is written until the end (docs/reliability.md, "One run per run name").
+    with hold_run(out, cfg.ray.storage_path, field="sweep.name"):
+        if (out / TUNE).exists():
+            raise UserError(f"sweep.name: {out} already holds a sweep; `draftray sweep --resume {out}` continues it, or pick another sweep.name")
+        started = connect(cfg, verbose)
+        try:
+            check_storage(cfg.ray.storage_path, cluster_nodes())
+            check_resources(variants)
+            out.mkdir(parents=True, exist_ok=True)
+            (out / "sweep.yaml").write_text(to_yaml(cfg), encoding="utf-8")
+            tuner = tune.Tuner(
+                _trainable(cfg, out),
+                param_space=tune_space(cfg.sweep.params),
+                tune_config=tune.TuneConfig(num_samples=cfg.sweep.num_samples, search_alg=_search(cfg), scheduler=_scheduler(cfg)),
+                run_config=_run_config(cfg, out, verbose),
+            )
+            return _finish(cfg, out, tuner)
+        finally:
+            if started:
+                ray.shutdown()
 
 
 def resume_sweep(sweep_dir: str | Path, verbose: bool = False) -> Path:
@@ -237,15 +240,16 @@ def resume_sweep(sweep_dir: str | Path, verbose: bool = False) -> Path:
         raise UserError(f"--resume {sweep_dir}: not a sweep directory (needs sweep.yaml and tune/ from `draftray sweep`)")
     cfg = preflight(load_config(out / "sweep.yaml"))
     variants = check_sweep(cfg, cfg.model_dump(mode="json"))
-    started = connect(cfg, verbose)
-    try:
-        check_storage(cfg.ray.storage_path, cluster_nodes())
-        check_resources(variants)
-        tuner = tune.Tuner.restore(str(out / TUNE), _trainable(cfg, out), resume_unfinished=True, resume_errored=False)
-        return _finish(cfg, out, tuner)
-    finally:
-        if started:
-            ray.shutdown()
+    with hold_run(out, cfg.ray.storage_path, field="sweep.name"):  # not while the sweep's own driver still runs
+        started = connect(cfg, verbose)
+        try:
+            check_storage(cfg.ray.storage_path, cluster_nodes())
+            check_resources(variants)
+            tuner = tune.Tuner.restore(str(out / TUNE), _trainable(cfg, out), resume_unfinished=True, resume_errored=False)
+            return _finish(cfg, out, tuner)
+        finally:
+            if started:
+                ray.shutdown()
 
 
 def _run_config(cfg: Config, out: Path, verbose: bool) -> tune.RunConfig:
