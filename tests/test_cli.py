@@ -242,7 +242,7 @@ def test_sample_numeric_fields_are_the_int_and_float_flags():
     ({"num_images": 2.0}, "--num-images must be an integer, got 2.0"),
     ({"guidance": "7.5"}, "--guidance must be a number, got '7.5'"),
     ({"guidance": float("nan")}, "--guidance must be a finite number, got nan"),
-    ({"lora_scale": 10**400}, "--lora-scale must be a finite number, got 1" + "0" * 19 + "..." + "0" * 20 + " (401 characters)"),
+    ({"lora_scale": 10**400}, "--lora-scale must be a finite number, got 1" + "0" * 17 + "..." + "0" * 19),
     ({"seed": -(10**5000)}, "--seed must be in 0 <= seed < 2**32 (4294967296), got an integer of 16610 bits"),
     ({"height": 10**5000}, "--height must be at most 16384 pixels, got an integer of 16610 bits"),
 ], ids=["seed-float", "seed-bool", "steps-str", "num-images-float", "guidance-str", "guidance-nan", "lora-scale-huge-int",

@@ -12,7 +12,7 @@ import yaml
 from pydantic import ValidationError
 
 from rayjobs.config.root import Config
-from rayjobs.errors import UserError
+from rayjobs.errors import ECHO_CHARS, UserError, capped
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Config:
@@ -34,17 +34,14 @@ def validate(data: dict, where: str = "config") -> Config:
         return Config.model_validate(data)
     except ValidationError as err:
         e = err.errors()[0]
-        field = _clip(".".join(str(p) for p in e["loc"])) or "(top level)"  # a key may be any (long) YAML value
+        field = capped(".".join(str(p) for p in e["loc"])) or "(top level)"  # a key may be any (long) YAML value
         if e["type"] == "extra_forbidden":
             raise UserError(f"{where} {field}: unknown key{_did_you_mean(e['loc'])} (see rayjobs/config/root.py for the fields)") from None
         msg = e["msg"].removeprefix("Value error, ")
         if not e["loc"] and re.match(r"^[a-z_]+\.[a-z_.]+: ", msg):  # a cross-section check names its own field
-            raise UserError(f"{where} {_clip(msg, 500)}") from None
+            raise UserError(f"{where} {capped(msg, 500)}") from None
         got = "" if isinstance(e["input"], dict) else f" (got {short_repr(e['input'])})"
-        raise UserError(f"{where} {field}: {_clip(msg, 500)}{got}") from None
-
-
-ECHO_CHARS = 200  # the most of a bad value an error message repeats
+        raise UserError(f"{where} {field}: {capped(msg, 500)}{got}") from None
 
 
 def short_repr(value: Any, limit: int = ECHO_CHARS) -> str:
@@ -58,13 +55,7 @@ def short_repr(value: Any, limit: int = ECHO_CHARS) -> str:
         text = r.repr(value)
     except ValueError:  # an int too long for repr (Python caps int-to-text conversion at 4300 digits)
         text = f"an integer of {value.bit_length()} bits" if isinstance(value, int) else type(value).__name__
-    return _clip(text, limit)
-
-
-def _clip(text: str, limit: int = ECHO_CHARS) -> str:
-    """One line of at most ``limit`` characters (then '…')."""
-    text = " ".join(str(text).splitlines())
-    return text if len(text) <= limit else text[:limit] + "…"
+    return capped(text, limit)
 
 
 def _did_you_mean(loc: tuple) -> str:

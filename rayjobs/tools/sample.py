@@ -32,6 +32,7 @@ from typing import Literal, get_args, get_type_hints
 import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
+from safetensors import safe_open
 
 from models.components import Components, ModelNotFoundError
 from models.export import LORA_FILE
@@ -40,6 +41,7 @@ from models.masks import binarize
 from models.textual_inversion import SDXL_TI_KEYS, TI_FILE
 from rayjobs.config.base import SEED_LIMIT
 from rayjobs.config.data import special_file
+from rayjobs.config.load import short_repr
 from rayjobs.errors import UserError, first_line
 
 TINY_REFINER = "tiny-refiner"  # models/sdxl.build_tiny_refiner, paired with the tiny SDXL's encoder and VAE
@@ -52,6 +54,10 @@ SCHEDULERS, PROMPT_WEIGHTINGS = get_args(Scheduler), get_args(PromptWeighting)
 # a larger side is a typo, and its latents alone would not fit in memory (the process is killed, not refused).
 MAX_SIDE = 16384
 ECHO_CHARS = 40  # a bad value is echoed in at most this many characters (a 10**30 seed stays readable)
+
+
+def _echo(value) -> str:
+    return short_repr(value, ECHO_CHARS)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -106,16 +112,6 @@ FLOAT_FIELDS = tuple(f.name for f in fields(SampleRequest) if _HINTS[f.name] in 
 
 def _flag(name: str) -> str:
     return "--" + name.replace("_", "-")
-
-
-def _echo(value) -> str:
-    """``value`` for an error line: its repr, shortened; an int too long for str() (Python's 4300-digit limit)
-    by its size."""
-    try:
-        text = repr(value)
-    except ValueError:
-        return f"an integer of {value.bit_length()} bits"
-    return text if len(text) <= ECHO_CHARS else f"{text[: ECHO_CHARS // 2]}...{text[-ECHO_CHARS // 2 :]} ({len(text)} characters)"
 
 
 def _finite(value: numbers.Real) -> bool:
@@ -301,8 +297,6 @@ def embeddings_file(path: str) -> Path:
     kind = special_file(file)
     if kind is not None or not file.is_file():  # a FIFO would block the read until something writes to it
         raise UserError(f"--embeddings {file}: {kind or 'not a regular file'}, not a file to read; {hint}")
-    from safetensors import safe_open
-
     try:
         with safe_open(str(file), framework="pt") as f:
             f.keys()
@@ -314,8 +308,6 @@ def embeddings_file(path: str) -> Path:
 def _load_embeddings(pipe, path: Path, is_sdxl: bool, token: str | None) -> None:
     """SD 1.x: diffusers reads the file (its key is the token). SDXL: the file's ``clip_l`` rows go to
     the first encoder and ``clip_g`` to the second, under one token (metadata "token", else ``--token``)."""
-    from safetensors import safe_open
-
     file = embeddings_file(str(path))
     with safe_open(str(file), framework="pt") as f:
         keys, metadata = set(f.keys()), f.metadata() or {}
