@@ -1,7 +1,8 @@
 """The `draftray` command: train, sweep, pareto, sample, score, weights, toy, submit, jobs.
 
 Bad input prints one line ``draftray: error: ...`` and exits 2 with nothing
-written; a run that stops itself (non-finite loss) exits 1.
+written; a run that stops itself (non-finite loss) exits 1; a sweep interrupted by a signal exits
+128 + its number (130 for Ctrl-C) after printing its ``--resume`` command.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from rayjobs.cluster import submit
-from rayjobs.errors import TrainingStopped, UserError
+from rayjobs.errors import Interrupted, TrainingStopped, UserError
 
 if TYPE_CHECKING:  # the annotation only: importing rayjobs.tools.sample loads torch and diffusers
     from rayjobs.tools.sample import SampleRequest
@@ -39,10 +40,12 @@ def _parser() -> argparse.ArgumentParser:
     w.description = (
         "Run every trial of CONFIG's sweep: section (e.g. configs/toy-kl-sweep.yaml), each a full training run, then "
         "write trials.csv, pareto.csv, pareto.json, pareto.png, front/ and summary.md. Prints the sweep directory as the "
-        "last line on stdout. `draftray sweep --resume SWEEP_DIR` continues a sweep whose driver stopped."
+        "last line on stdout. Interrupted (Ctrl-C, SIGTERM), it lists every trial's state in trials.csv, prints the "
+        "`draftray sweep --resume SWEEP_DIR` command that continues it and exits 130 (143 for SIGTERM); --resume also "
+        "continues a sweep whose driver was killed."
     )
     w.add_argument("config", nargs="?", help="YAML config with a sweep: section (not with --resume)")
-    w.add_argument("--resume", metavar="SWEEP_DIR", help="continue this sweep (finished trials are kept, unfinished ones resume)")
+    w.add_argument("--resume", metavar="SWEEP_DIR", help="continue this sweep (done, stopped and failed trials are kept, interrupted ones resume, the rest start)")
     w.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides of the base config, e.g. train.steps=20")
     w.add_argument("--address", help="Ray cluster address to join (default: $RAY_ADDRESS, else start a local Ray)")
     w.add_argument("--verbose", action="store_true", help="Tune's status table and the workers' logs")
@@ -180,6 +183,17 @@ def _toy_parser(sub) -> None:
 
 
 def _sweep(args) -> int:
+    """An interrupted sweep (Ctrl-C, SIGTERM) prints one line with the `draftray sweep --resume` command that
+    continues it and exits 128 + the signal (130 for Ctrl-C); the sweep directory is not printed then."""
+    try:
+        print(_run_or_resume_sweep(args))
+    except Interrupted as err:
+        print(f"draftray: {err}", file=sys.stderr)
+        return err.exit_code
+    return 0
+
+
+def _run_or_resume_sweep(args) -> Path:
     overrides = list(args.overrides) + ([f"ray.address={args.address}"] if args.address else [])
     from rayjobs.config import load_config
     from rayjobs.tune.sweep import TUNE, resume_sweep, run_sweep, sweep_dir_for
@@ -187,16 +201,13 @@ def _sweep(args) -> int:
     if args.resume:
         if args.config or overrides:
             raise UserError("--resume: give only the sweep directory (its sweep.yaml holds the config)")
-        print(resume_sweep(args.resume, verbose=args.verbose))
-        return 0
+        return resume_sweep(args.resume, verbose=args.verbose)
     if not args.config:
         raise UserError("sweep: give a CONFIG with a sweep: section, or --resume SWEEP_DIR")
     cfg = load_config(args.config, overrides)
     if args.or_resume and (existing := sweep_dir_for(cfg)).joinpath(TUNE).is_dir():  # a resubmitted job (draftray submit)
-        print(resume_sweep(existing, verbose=args.verbose))
-        return 0
-    print(run_sweep(cfg, verbose=args.verbose))
-    return 0
+        return resume_sweep(existing, verbose=args.verbose)
+    return run_sweep(cfg, verbose=args.verbose)
 
 
 def _pareto(args) -> int:

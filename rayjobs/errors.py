@@ -1,5 +1,7 @@
 """User-facing errors: one line, exit status 2, nothing half-written."""
 
+import signal
+
 
 class UserError(Exception):
     """Bad input from the user (config, paths, prompts). The CLI prints it as one line and exits 2."""
@@ -11,6 +13,17 @@ class TrainingStopped(Exception):
     """Training stopped itself for a reason the user must see (e.g. a non-finite loss). Exit 1."""
 
     exit_code = 1
+
+
+class Interrupted(Exception):
+    """A signal (Ctrl-C, SIGTERM) ended the work early, in a state that can be continued; the message is one
+    line that says how. Exit 128 + the signal's number (130 for SIGINT, 143 for SIGTERM), the status a shell
+    shows for a process the signal ended, and what the CLI already returns for a KeyboardInterrupt."""
+
+    def __init__(self, message: str, signum: int = signal.SIGINT):
+        super().__init__(message)
+        self.signum = int(signum)
+        self.exit_code = 128 + self.signum
 
 
 def first_line(err: BaseException) -> str:

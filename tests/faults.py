@@ -71,6 +71,27 @@ class KillAt(Colorfulness):
         return out
 
 
+class TearAndKill(KillAt):
+    """KillAt, and before kill i with ``tears[i]`` true it tears the newest checkpoint Ray registered (the latest of
+    the run's checkpoint_manager_snapshot.json in ``checkpoints``): its trainable.safetensors cut in half, as a
+    storage crash would leave it. The restarted worker then finds its registered checkpoint torn."""
+
+    def __init__(self, at_calls: list[int], tears: list[bool], directory: str, checkpoints: str):
+        super().__init__(at_calls, directory)
+        self.tears, self.checkpoints = list(tears), Path(checkpoints)
+
+    def forward(self, images, prompts):
+        done = len(list(self.dir.glob("kill_*"))) if self.dir.exists() else 0
+        if torch.is_grad_enabled() and done < len(self.at_calls) and self.calls + 1 == self.at_calls[done] and self.tears[done]:
+            time.sleep(1.0)  # the controller registers the last reported checkpoint at its next poll (see _die)
+            snapshot = json.loads((self.checkpoints / "checkpoint_manager_snapshot.json").read_text())
+            weights = self.checkpoints / snapshot["latest_checkpoint_result"]["checkpoint_dir_name"] / "trainable.safetensors"
+            weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+            self.dir.mkdir(parents=True, exist_ok=True)
+            (self.dir / f"torn_{done}").write_text(weights.parent.name)
+        return super().forward(images, prompts)
+
+
 class NodeHold(Colorfulness):
     """Logs the Ray node of every training call to ``log`` (one line each); at training call ``at_call`` of the
     first process it writes its node id to ``marker`` and waits (up to ``timeout`` s) for the test to remove

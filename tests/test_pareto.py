@@ -127,3 +127,40 @@ def test_inference_points_join_the_front(trials, tmp_path):
     front = write_front(tmp_path, rows, keys, "eval/reward_mean", "eval/diversity_x")
     assert "| t0 | done | 0 | 10 | lora_scale 0.5 | 2.5 | 0.35 |" in (tmp_path / "summary.md").read_text()
     assert "LoRA scale 0.5" in next(r["reproduce"] for r in front if r["kind"] == "lora_scale")
+
+
+def test_an_interrupted_sweep_lists_every_trial_and_how_to_finish_it(tmp_path):
+    """Trial 0 done, trial 1 interrupted before its first evaluation, trial 2 never started (a row of its own,
+    rayjobs/tune/sweep.py: _unstarted): trials.csv lists the three with their states; the outputs built from it
+    (`draftray pareto`) keep the rows without metrics off the front and the plot, and summary.md counts the states
+    and gives the command that finishes the sweep."""
+    from rayjobs.tune.pareto import unstarted_row
+
+    root = tmp_path / "trials"
+    _trial(root, "_trial_abcde_00000", 0.0, [(0, 1.0, 0.5), (10, 3.0, 0.1)], ("done", ""))
+    _trial(root, "_trial_abcde_00001", 1.0, [], ("interrupted", ""))
+    keys = ["objective.kl_coeff"]
+    (tmp_path / "sweep.yaml").write_text(yaml.safe_dump({"diversity": {"name": "x"}, "sweep": {"params": {keys[0]: {"grid": [0.0, 1.0, 10.0]}}}}))
+    rows = collect_rows(root, keys, "eval/reward_mean", "eval/diversity_x") + [unstarted_row(2, {keys[0]: 10.0}, keys, 10.0)]
+    mark_front(rows)
+    write_csv(rows, fields_of(rows, keys), tmp_path / "trials.csv")
+    back = read_csv(tmp_path / "trials.csv")
+    assert [(r["trial"], r["status"], r.get("step")) for r in back] == [
+        ("_trial_abcde_00000", "done", 0), ("_trial_abcde_00000", "done", 10), ("_trial_abcde_00001", "interrupted", None), ("#2", "not_started", None)]  # fmt: skip
+    assert back[-1] == {"trial": "#2", "status": "not_started", "error": "", "config.objective.kl_coeff": 10.0, "kl_coeff": 10.0, "kind": "",
+                        "knob": "", "on_front": False, "checkpoint": "", "grid": ""}  # fmt: skip
+    assert rebuild(tmp_path) == tmp_path.resolve()
+    summary = (tmp_path / "summary.md").read_text()
+    assert summary.startswith(f"Trials: 1 done, 1 interrupted, 1 not_started (3 in all).\n\nThe sweep was interrupted: `draftray sweep --resume {tmp_path}`")
+    assert "| _trial_abcde_00001 | interrupted | 1 |  |  |  |  |  |" in summary and "| #2 | not_started | 10 |  |  |  |  |  |" in summary
+    assert (tmp_path / "pareto.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and len(read_csv(tmp_path / "pareto.csv")) == 2
+
+
+def test_the_plot_and_summary_of_a_sweep_without_any_evaluation(tmp_path):
+    """Interrupted before any evaluation: nothing to plot or rank, and still every output is written."""
+    from rayjobs.tune.pareto import unstarted_row
+
+    keys = ["objective.kl_coeff"]
+    rows = [unstarted_row(i, {keys[0]: kl}, keys, kl) for i, kl in enumerate([0.0, 1.0])]
+    assert write_front(tmp_path, rows, keys, "eval/reward_mean", "eval/diversity_x") == []
+    assert (tmp_path / "pareto.png").is_file() and "Trials: 2 not_started (2 in all)." in (tmp_path / "summary.md").read_text()

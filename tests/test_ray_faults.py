@@ -7,6 +7,7 @@ one ends, bit for bit on CPU, and a failure is one clear message with the checkp
 
 import json
 import random
+import shutil
 import subprocess
 import sys
 import time
@@ -242,3 +243,88 @@ def test_a_deterministic_worker_error_is_not_retried_and_is_named(cluster, tmp_p
     # the time from the start to the error (the rest is the driver's preflight); the run ended in a fraction of it.
     raised_at = float(lines[0].split()[1])
     assert end - raised_at < 0.5 * (raised_at - start), (end - raised_at, raised_at - start)
+
+
+# ---- torn checkpoints and Ray's record of them (docs/reliability.md, "Torn checkpoints") ----------------------
+
+
+def _record(run: Path) -> tuple[list[str], str]:
+    """The checkpoint names Ray Train's record holds, and its latest."""
+    state = json.loads((run / "checkpoints" / "checkpoint_manager_snapshot.json").read_text())
+    return [r["checkpoint_dir_name"] for r in state["checkpoint_results"]], state["latest_checkpoint_result"]["checkpoint_dir_name"]
+
+
+def _check_consistent_and_equal(run: Path, straight: Path) -> None:
+    """The run ended at STEPS, bit for bit the uninterrupted run; Ray's record names only directories that exist,
+    each once; and the same run name starts again (a record naming a missing directory would stop that)."""
+    from rayjobs.training.manifest import parse_name
+
+    held, latest = _record(run)
+    assert len(held) == len(set(held)) and all((run / "checkpoints" / n).is_dir() for n in held), held
+    assert parse_name(latest)[0] == STEPS and train_steps(run)[-1] == STEPS
+    assert_bitwise_equal(checkpoint_state(run / "checkpoints" / latest), checkpoint_state(straight / "checkpoints" / f"step_{STEPS:06d}"))
+    a, b = (load_file(r / "export" / "pytorch_lora_weights.safetensors") for r in (run, straight))
+    assert_bitwise_equal(a, b, "export")
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_torn_registered_checkpoint_then_a_kill_in_the_fall_back_window(straight, tmp_path, seed):
+    """The worker is killed after its newest registered checkpoint was torn: the restarted worker falls back to
+    the one before and writes the later steps as a new generation of names (step_NNNNNN-1), never into a name
+    Ray's record holds; a second kill, at a random call inside that window, resumes again. The run ends bitwise
+    equal to the uninterrupted one, and the same run name starts again."""
+    rng = random.Random(seed)
+    first = rng.randint(3, STEPS)  # dies at this call, after tearing step first-1 (step first-2 is whole)
+    second = rng.randint(1, 2)  # the restarted worker dies again at its call 1 or 2: before or after passing the torn step
+    kills, ckpts = tmp_path / "kills", tmp_path / "torn" / "checkpoints"
+    reward = ["reward.name=faults:TearAndKill", f"reward.kwargs={{at_calls: [{first}, {second}], tears: [true, false], directory: '{kills}', checkpoints: '{ckpts}'}}"]
+    run = fit_fast(tmp_path, "torn", *KILLED, *reward)
+    assert len(list(kills.glob("kill_*"))) == 2 and (kills / "torn_0").read_text() == f"step_{first - 1:06d}", (first, second)
+    resumed = [m["resumed_from_step"] for m in read_metrics(run) if "resumed_from_step" in m]
+    assert resumed[0] == first - 2, (first, resumed)  # the fall-back: the torn step_{first-1} was skipped
+    held, latest = _record(run)
+    assert latest == f"step_{STEPS:06d}-1", held  # written after the fall-back: generation 1
+    _check_consistent_and_equal(run, straight)
+    again = fit_fast(tmp_path, "torn", *KILLED, *reward)  # a finished run started again: no TrainController error
+    assert again == run
+
+
+def test_only_checkpoint_torn_starts_again_from_step_0(straight, tmp_path, capfd):
+    """The run stops after its step-1 checkpoint (its one retry spent), and that checkpoint is then torn. The same
+    run name starts again from step 0 with one line that says so (not an error telling to resume it), and ends
+    bitwise equal to the uninterrupted run."""
+    from rayjobs.errors import TrainingStopped
+
+    kills = tmp_path / "kills"
+    reward = ["reward.name=faults:KillAt", f"reward.kwargs={{at_calls: [2], directory: '{kills}'}}"]
+    with pytest.raises(TrainingStopped):
+        fit_fast(tmp_path, "only", *KILLED[:2], "ray.max_failures=0", *reward)
+    ckpt = tmp_path / "only" / "checkpoints" / "step_000001"
+    weights = ckpt / "trainable.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    capfd.readouterr()
+    run = fit_fast(tmp_path, "only", *KILLED, *reward)  # KillAt has used its one kill
+    err = capfd.readouterr().err
+    assert "removed the torn checkpoint step_000001" in err and "it starts again from step 0" in err
+    assert not [m for m in read_metrics(run) if "resumed_from_step" in m]
+    _check_consistent_and_equal(run, straight)
+
+
+def test_record_naming_a_missing_checkpoint_resumes_from_the_newest_on_disk(straight, tmp_path, capfd):
+    """Ray's record names a checkpoint directory that is gone (Ray deleted a live directory of a reused name, or
+    the storage lost it): Ray's TrainController refuses such a record on every start. The driver sets it aside and
+    the run resumes from the newest complete checkpoint on disk, ending bitwise equal."""
+    from rayjobs.errors import TrainingStopped
+
+    kills = tmp_path / "kills"
+    reward = ["reward.name=faults:KillAt", f"reward.kwargs={{at_calls: [4], directory: '{kills}'}}"]
+    with pytest.raises(TrainingStopped):
+        fit_fast(tmp_path, "gone", *KILLED[:2], "ray.max_failures=0", *reward)
+    held, latest = _record(tmp_path / "gone")
+    assert latest == "step_000003", held
+    shutil.rmtree(tmp_path / "gone" / "checkpoints" / "step_000002")
+    capfd.readouterr()
+    run = fit_fast(tmp_path, "gone", *KILLED, *reward)
+    assert "names missing step_000002" in capfd.readouterr().err
+    assert [m["resumed_from_step"] for m in read_metrics(run) if "resumed_from_step" in m] == [3]
+    _check_consistent_and_equal(run, straight)

@@ -121,3 +121,143 @@ def test_progress_line_of_a_diverged_trial(tmp_path, capsys):
     (trial / "metrics.jsonl").write_text('{"step": 1, "eval/reward_mean": "inf", "eval/kl": 6.5e7}\n')
     SweepProgress(tmp_path / "trials", ["optim.lr"], "eval/reward_mean", "eval/diversity_lpips").poll()
     assert capsys.readouterr().err == "[t0] lr=2000.0 step 1: reward inf, diversity nan, kl 6.5e+07\n"
+
+
+# An interrupted sweep accounts for every trial of its space (docs/sweeps.md, "Trial states"); the real Ctrl-C of a
+# real `draftray sweep` is tests/test_sweep_interrupt.py (slow tier).
+
+
+def test_planned_trials_are_the_trials_tune_draws():
+    """planned_trials replays Tune's BasicVariantGenerator: the same values in the same order, grid points and
+    samples of the random keys, so a trial that never started is listed with the values it will get."""
+    from rayjobs.tune.space import planned_trials
+
+    cfg = load_config(CONFIGS / "toy-kl-sweep.yaml", ["sweep.num_samples=2", "sweep.seed=7",
+                      "sweep.params={objective.kl_coeff: {grid: [0.0, 1.0, 10.0]}, optim.lr: {loguniform: [1.0e-4, 1.0e-2]}, train.steps: {choice: [4, 6]}}"])  # fmt: skip
+    tune.register_trainable("draftray_planned_check", lambda config: None)
+    generator = tune.search.BasicVariantGenerator(random_state=cfg.sweep.seed, max_concurrent=1)
+    generator.add_configurations({"check": {"run": "draftray_planned_check", "config": tune_space(cfg.sweep.params), "num_samples": 2}})
+    drawn = []
+    while not generator.is_finished():
+        trial = generator.next_trial()
+        if trial is not None:
+            drawn.append((str(trial)[-5:], trial.config))
+            generator.on_trial_complete(trial.trial_id)  # max_concurrent 1: the next trial after this one ends
+    assert [f"{i:05d}" for i in range(6)] == [index for index, _ in drawn]  # trial i's name ends with its index
+    assert planned_trials(cfg.sweep) == [config for _, config in drawn]
+    assert planned_trials(load_config(CONFIGS / "toy-kl-sweep.yaml", ["sweep.num_samples=3", "sweep.search=optuna",
+                                      "sweep.params={objective.kl_coeff: {choice: [0.0, 1.0]}}"]).sweep) == [None] * 3  # fmt: skip
+
+
+def _run_dir(trials: Path, name: str, kl: float, evaluated: list[int], status: str = "running"):
+    """A trial's run directory as a sweep of configs/toy-kl-sweep.yaml leaves it: config.yaml (6 steps),
+    metrics.jsonl evaluated at these steps."""
+    import json
+
+    from rayjobs.config import to_yaml
+    from rayjobs.runlog import write_status
+
+    d = trials / name
+    d.mkdir(parents=True)
+    (d / "config.yaml").write_text(to_yaml(load_config(None, ["train.steps=6", f"objective.kl_coeff={kl}"])))
+    lines = [{"step": s, "eval/reward_mean": 1.0 + s, "eval/diversity_toy_lpips": 0.5, "eval/kl": 0.1 * s} for s in evaluated]
+    (d / "metrics.jsonl").write_text("".join(json.dumps(m) + "\n" for m in lines))
+    write_status(d, status)
+    return d
+
+
+def _result(name: str, done: bool = False, error: Exception | None = None):
+    """What _final_status reads of a ResultGrid entry: the trial's path (its name first), error, last metrics."""
+    from types import SimpleNamespace
+
+    return SimpleNamespace(path=f"/x/tune/{name}_0_kl=0_2026-01-01", error=error, metrics={"step": 2, "done": done})
+
+
+def test_each_trial_state_from_tunes_verdict(tmp_path):
+    """done (its last step evaluated) beats Tune's flags; stopped = ended early with Tune's done mark (the
+    scheduler); interrupted = ended early without it (the sweep stopped it), or no verdict at all; failed = Tune's error."""
+    from rayjobs.runlog import read_status
+    from rayjobs.tune.sweep import _final_status
+
+    trials = tmp_path / "trials"
+    names = {"done": [0, 2, 4, 6], "stopped": [0, 2], "interrupted": [0, 2], "failed": [0], "no_verdict": [0]}
+    for i, (name, steps) in enumerate(names.items()):
+        _run_dir(trials, f"_trial_abcde_0000{i}", 0.1, steps, status="failed" if name == "failed" else "done")
+    results = [_result("_trial_abcde_00000"), _result("_trial_abcde_00001", done=True), _result("_trial_abcde_00002"),
+               _result("_trial_abcde_00003", error=RuntimeError("worker died\nTraceback ..."))]  # fmt: skip
+    _final_status(trials, results)
+    got = [tuple(read_status(d).values()) for d in sorted(trials.iterdir())]
+    assert got == [("done", ""), ("stopped", ""), ("interrupted", ""), ("failed", "worker died"), ("interrupted", "")]
+    _final_status(trials, None)  # Tune itself interrupted (a second Ctrl-C): only done is known
+    assert [read_status(d)["status"] for d in sorted(trials.iterdir())] == ["done", "interrupted", "interrupted", "interrupted", "interrupted"]
+
+
+def test_the_trials_never_started_are_the_rest_of_the_space(tmp_path):
+    """Trials 0 and 2 of a 4-point grid have run directories: trials.csv gets rows for 1 and 3, with the values
+    and kl_coeff they will train with; with search optuna the values are drawn at the start, so they are empty."""
+    from rayjobs.tune.sweep import _unstarted
+
+    cfg = load_config(CONFIGS / "toy-kl-sweep.yaml", ["sweep.params={objective.kl_coeff: {grid: [0.0, 1.0, 10.0, 100.0]}}"])
+    _run_dir(tmp_path, "_trial_abcde_00000", 0.0, [0, 2, 4, 6])
+    _run_dir(tmp_path, "_trial_abcde_00002", 10.0, [0])
+    rows = _unstarted(cfg, tmp_path)
+    assert [(r["trial"], r["status"], r["config.objective.kl_coeff"], r["kl_coeff"], r["step"] if "step" in r else None) for r in rows] == [
+        ("#1", "not_started", 1.0, 1.0, None), ("#3", "not_started", 100.0, 100.0, None)]  # fmt: skip
+    optuna = load_config(CONFIGS / "toy-kl-sweep.yaml", ["sweep.search=optuna", "sweep.num_samples=3", "sweep.params={objective.kl_coeff: {choice: [0.0, 1.0]}}"])
+    assert [(r["trial"], r["kl_coeff"], "config.objective.kl_coeff" in r) for r in _unstarted(optuna, tmp_path)] == [("#2", "", False)]
+
+
+def test_an_interrupted_sweep_exits_with_the_signal_and_one_resume_line(tmp_path, monkeypatch, capsys):
+    """`draftray sweep` interrupted: exit 130 (SIGINT) or 143 (SIGTERM), one stderr line with the exact
+    command that continues the sweep, and not the sweep directory on stdout (its last line after a finished sweep)."""
+    import signal
+
+    import rayjobs.tune.sweep as sweep
+    from rayjobs.cli import main
+    from rayjobs.errors import Interrupted
+    from rayjobs.tune.pareto import resume_command
+
+    out = tmp_path / "my sweep"
+    for signum, code in ((signal.SIGINT, 130), (signal.SIGTERM, 143)):
+        def interrupted(sweep_dir, verbose=False, signum=signum):
+            raise Interrupted(f"sweep interrupted: 1 done of 3 trials; continue with: {resume_command(out)}", signum)
+
+        monkeypatch.setattr(sweep, "resume_sweep", interrupted)
+        assert main(["sweep", "--resume", str(out)]) == code
+        captured = capsys.readouterr()
+        assert captured.out == "" and captured.err.splitlines() == [f"draftray: sweep interrupted: 1 done of 3 trials; continue with: draftray sweep --resume '{out}'"]
+
+
+def test_sigterm_stops_a_sweep_as_ctrl_c_does(tmp_path, monkeypatch, caplog):
+    """While Tune runs, SIGTERM calls Tune's SIGINT handler (its clean stop); before, it raises KeyboardInterrupt,
+    which ends as Interrupted (exit 143, the resume command) once Tune has saved a state, and stays a
+    KeyboardInterrupt before (nothing to resume). The handler is set after Ray connects (ray.init sets its own,
+    which aborts) and the one before is back after. Tune's Tuner.restore hint, Python, is not shown."""
+    import logging
+    import signal
+
+    import rayjobs.tune.sweep as sweep
+    from rayjobs.errors import Interrupted
+
+    cfg = load_config(None)
+    connected = []
+    monkeypatch.setattr(sweep, "connect", lambda cfg, verbose: connected.append(signal.getsignal(signal.SIGTERM)) or False)
+    tune_calls = []
+    with sweep.sweep_driver(cfg, tmp_path, False) as signals:
+        logging.getLogger("ray.tune.tune").warning('Experiment has been interrupted.\nResume experiment with: Tuner.restore(path="x", trainable=...)')
+        logging.getLogger("ray.tune.tune").warning("Stop signal received (e.g. via SIGINT/Ctrl+C), ending Ray Tune run.")
+        before = signal.signal(signal.SIGINT, lambda signum, frame: tune_calls.append(signum))  # as Tune's fit does
+        try:
+            signal.raise_signal(signal.SIGTERM)
+        finally:
+            signal.signal(signal.SIGINT, before)
+    assert tune_calls == [signal.SIGINT] and signals == [signal.SIGTERM]
+    assert connected == [signal.SIG_DFL] and signal.getsignal(signal.SIGTERM) == signal.SIG_DFL  # set after connect, then restored
+    assert [r.getMessage()[:20] for r in caplog.records] == ["Stop signal received"]
+    with pytest.raises(KeyboardInterrupt), sweep.sweep_driver(cfg, tmp_path, False):
+        signal.raise_signal(signal.SIGTERM)
+    (tmp_path / "tune").mkdir()
+    (tmp_path / "tune" / "tuner.pkl").write_bytes(b"")  # what Tuner.can_restore looks for
+    with pytest.raises(Interrupted) as err, sweep.sweep_driver(cfg, tmp_path, False):
+        signal.raise_signal(signal.SIGTERM)
+    assert err.value.exit_code == 143 and str(err.value) == f"sweep interrupted (SIGTERM); continue with: draftray sweep --resume {tmp_path}"

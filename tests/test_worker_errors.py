@@ -124,6 +124,18 @@ def test_retries_spent_on_a_killed_worker_say_so_and_that_the_run_resumes():
     assert "start the same run.name to resume" in text and "\n" not in text
 
 
+def test_a_failure_before_any_checkpoint_does_not_advise_resuming(tmp_path):
+    """No checkpoint was written: the same run.name starts again from step 0, and the line says that instead of
+    'resume' (there is nothing to resume). has_checkpoints reads the run's checkpoint folder."""
+    from rayjobs.cluster.recovery import has_checkpoints
+
+    text = str(training_failure(group_error({0: killed()}), max_failures=1, checkpointed=False))
+    assert "no checkpoint was written yet: the same run.name starts again from step 0" in text and "resume" not in text
+    assert not has_checkpoints(str(tmp_path / "none")) and not has_checkpoints(str(tmp_path))
+    (tmp_path / "step_000001").mkdir()
+    assert has_checkpoints(str(tmp_path))
+
+
 def test_retries_spent_on_a_transient_worker_error_name_it():
     text = str(training_failure(group_error({0: raised(OSError(5, "Input/output error"))}), max_failures=0))
     assert text.startswith("training failed after 1 attempt (ray.max_failures=0) on worker rank 0: OSError: [Errno 5] Input/output error;"), text

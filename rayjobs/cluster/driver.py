@@ -18,8 +18,10 @@ import ray
 import ray.train
 from ray.train.torch import TorchConfig, TorchTrainer
 
+from rayjobs.cluster.leftovers import reap_stale, watch_session
 from rayjobs.cluster.preflight import check_resume, preflight
-from rayjobs.cluster.storage import check_storage, cluster_nodes
+from rayjobs.cluster.recovery import has_checkpoints, reconcile
+from rayjobs.cluster.storage import check_storage, cluster_nodes, run_uri
 from rayjobs.cluster.worker import CHECKPOINTS, StopOnDeterministicError, training_failure, worker_entry
 from rayjobs.config import Config, to_yaml
 from rayjobs.errors import TrainingStopped, UserError
@@ -64,6 +66,9 @@ def start_local_ray(**kwargs) -> None:
     API resolves /tmp/ray/ray_current_cluster, which names another cluster or none when the host has
     several Ray instances; the run's resources then leak and the sweep deadlocks (docs/references.md). The
     raylet and so every worker inherit RAY_API_SERVER_ADDRESS from this process.
+
+    A driver killed without ``ray.shutdown()`` would leave some of the cluster's processes running forever:
+    the leftovers of dead drivers are stopped first, and a watchdog guards this one (rayjobs/cluster/leftovers.py).
     """
     import socket
 
@@ -74,7 +79,9 @@ def start_local_ray(**kwargs) -> None:
     # Ray starts workers at nice 15 by default: on a busy host any other process would starve training.
     os.environ.setdefault("RAY_worker_niceness", "0")
     kwargs.setdefault("log_to_driver", False)
+    reap_stale()
     ray.init(address="local", include_dashboard=True, dashboard_host="127.0.0.1", dashboard_port=port, configure_logging=False, **kwargs)
+    watch_session(ray.get_runtime_context().get_session_name())
 
 
 def fit(cfg: Config, verbose: bool = False) -> Path:
@@ -114,20 +121,24 @@ def run_trainer(cfg: Config, run_dir: Path, callbacks: list = (), progress: bool
     """Fits one TorchTrainer on the connected cluster; self-stops and failures after the retries become
     TrainingStopped, a worker's deterministic error (not retried) UserError (rayjobs/cluster/worker.py:
     training_failure). ``keep``: checkpoints kept (None = all; a sweep keeps every evaluated one)."""
+    root = run_uri(cfg.ray.storage_path, run_dir.name) if cfg.ray.storage_path else str(run_dir / CHECKPOINTS)
     try:
-        _fit_trainer(cfg, run_dir, list(callbacks), progress, keep)
+        _fit_trainer(cfg, run_dir, root, list(callbacks), progress, keep)
     except (ray.train.TrainingFailedError, ray.exceptions.RayError) as err:
-        raise training_failure(err, cfg.ray.max_failures) from err
+        raise training_failure(err, cfg.ray.max_failures, checkpointed=has_checkpoints(root)) from err
     stop = run_dir / STOP_FILE
     if stop.exists():
         raise TrainingStopped(stop.read_text(encoding="utf-8").strip())
 
 
-def _fit_trainer(cfg: Config, run_dir: Path, callbacks: list, progress: bool, keep: int | None) -> ray.train.Result:
+def _fit_trainer(cfg: Config, run_dir: Path, root: str, callbacks: list, progress: bool, keep: int | None) -> ray.train.Result:
+    """``root``: the run's checkpoint folder in its storage (RunConfig's storage_path / name below)."""
     r = cfg.ray
+    # Torn checkpoints out, and Ray's record of them agreeing with the rest, before Ray Train reads it.
+    start_from = reconcile(root, keep, run_dir.name)
     trainer = TorchTrainer(
         worker_entry,
-        train_loop_config={"cfg": cfg.model_dump(mode="json"), "run_dir": str(run_dir)},
+        train_loop_config={"cfg": cfg.model_dump(mode="json"), "run_dir": str(run_dir), "start_from": start_from},
         torch_config=TorchConfig(backend="nccl" if r.use_gpu else "gloo"),
         scaling_config=ray.train.ScalingConfig(
             num_workers=r.num_workers,

@@ -2,7 +2,7 @@
 
 RayContext reports metrics and checkpoints to Ray Train, uploads a checkpoint with retries
 (ray.upload_attempts, rayjobs/cluster/storage.py), copies the run directory to ray.storage_path, and restores from
-the newest checkpoint that passes checkpoint.verify. rayjobs/cluster/driver.py builds the TorchTrainer around
+the newest checkpoint that passes manifest.verify. rayjobs/cluster/driver.py builds the TorchTrainer around
 ``worker_entry``. torch is imported where used (Train's controller imports this module too).
 
 A worker's exception reaches the driver in Ray Train's TrainingFailedError; ``training_failure`` turns it into
@@ -17,6 +17,7 @@ import re
 import sys
 from pathlib import Path
 
+import pyarrow.fs as pafs
 import ray
 import ray.train
 
@@ -24,6 +25,7 @@ from rayjobs.cluster.storage import StorageError, pull_run_dir, retrying, run_ur
 from rayjobs.config import Config
 from rayjobs.errors import TrainingStopped, UserError, capped, first_line
 from rayjobs.runlog import PLACEMENT_GROUPS
+from rayjobs.training.manifest import CheckpointError, checkpoint_name, newest_first, parse_name, verify
 
 CHECKPOINTS = "checkpoints"  # <run dir>/checkpoints: Ray Train's storage for a run without ray.storage_path
 
@@ -31,7 +33,8 @@ CHECKPOINTS = "checkpoints"  # <run dir>/checkpoints: Ray Train's storage for a 
 class RayContext:
     """The WorkerContext of a Ray Train worker."""
 
-    def __init__(self, run_dir: Path, storage_path: str | None = None, attempts: int = 3, backoff_s: float = 2.0):
+    def __init__(self, run_dir: Path, storage_path: str | None = None, attempts: int = 3, backoff_s: float = 2.0,
+                 start_from: str | None = None):
         ctx = ray.train.get_context()
         self.rank = ctx.get_world_rank()
         self.world_size = ctx.get_world_size()
@@ -39,18 +42,24 @@ class RayContext:
         self.run_dir, self.storage_path = Path(run_dir), storage_path
         self.attempts, self.backoff_s = attempts, backoff_s
         self.synced: dict = {}  # files already copied to the storage (rayjobs/cluster/storage.py)
+        # The checkpoint the driver chose when it set Ray's record aside (rayjobs/cluster/recovery.py): the start
+        # while Ray holds none of this run's.
+        self.start_from = start_from
+        # Names of the checkpoints written from here on: step_NNNNNN, or step_NNNNNN-G once a fall-back made
+        # generation G (rayjobs/training/manifest.py); set by latest_checkpoint.
+        self.generation = 0
 
     def report(self, metrics: dict, checkpoint_dir: Path | None) -> None:
         ckpt = ray.train.Checkpoint.from_directory(str(checkpoint_dir)) if checkpoint_dir else None
         # Every rank's files land in one directory per step (rank 0: weights, all: RNG state).
-        name = f"step_{metrics['step']:06d}" if ckpt else None
+        name = checkpoint_name(metrics["step"], self.generation) if ckpt else None
         ray.train.report(metrics, checkpoint=ckpt, checkpoint_dir_name=name, checkpoint_upload_fn=self._upload if ckpt else None)
         self.sync()
 
     def _upload(self, ckpt: ray.train.Checkpoint, name: str) -> ray.train.Checkpoint:
         """Ray's own copy into the run's storage, retried (ray.upload_attempts); registered only once whole."""
         storage = ray.train.get_context().get_storage()
-        what = f"checkpoint upload of {name} to {self.checkpoint_location(int(name.split('_')[-1]))}"
+        what = f"checkpoint upload of {name} to {self.root()}/{name}"
         try:
             return retrying(lambda: storage.persist_current_checkpoint(ckpt, name), what, self.attempts, self.backoff_s)
         except StorageError:  # never registered; remove what part of it landed (it would read as a checkpoint)
@@ -60,8 +69,11 @@ class RayContext:
 
     def checkpoint_location(self, step: int) -> str:
         """Where the step's checkpoint lands (rayjobs.cluster.driver._fit_trainer's RunConfig), for messages."""
-        root = run_uri(self.storage_path, self.run_dir.name) if self.storage_path else str(self.run_dir / CHECKPOINTS)
-        return f"{root}/step_{step:06d}"
+        return f"{self.root()}/{checkpoint_name(step, self.generation)}"
+
+    def root(self) -> str:
+        """The run's checkpoint folder in its storage."""
+        return run_uri(self.storage_path, self.run_dir.name) if self.storage_path else str(self.run_dir / CHECKPOINTS)
 
     def sync(self) -> None:
         """Rank 0 copies the run directory next to the checkpoints in ray.storage_path (rayjobs/cluster/storage.py)."""
@@ -71,35 +83,64 @@ class RayContext:
 
     @contextlib.contextmanager
     def latest_checkpoint(self):
-        """The latest checkpoint Ray registered, or, when it fails checkpoint.verify (files altered or lost in the
-        storage after the upload), the newest older step_NNNNNN beside it that passes (every rank picks the
-        same); None before the first."""
-        from rayjobs.training import checkpoint  # imports torch: not at module level (see above)
-
-        ckpt = ray.train.get_checkpoint()
+        """The checkpoint to resume from: the latest Ray registered (or, before any, the driver's choice), or, when
+        it fails manifest.verify (files altered or lost in the storage since), the newest older one beside it that
+        passes; None before the first, or with one line when none passes (the run starts again from step 0).
+        Every rank picks the same. After a fall-back past registered checkpoints, the later ones are written
+        under a new generation of names (rayjobs/training/manifest.py), never into a name Ray's record holds."""
+        registered = ray.train.get_checkpoint()
+        ckpt = registered or self._driver_choice()
         if ckpt is None:
             yield None
             return
-        for candidate in [ckpt, *_older_checkpoints(ckpt)]:
+        candidates = [ckpt, *_older_checkpoints(ckpt)]
+        for candidate in candidates:
             with candidate.as_directory() as directory:
                 try:
-                    checkpoint.verify(Path(directory))
-                except checkpoint.CheckpointError as err:
+                    verify(Path(directory))
+                except CheckpointError as err:
                     print(f"draftray: skipping {err}", file=sys.stderr)
                     continue
+                self.generation = next_generation(_name(candidate), registered and _name(registered), _beside(ckpt))
                 yield Path(directory)
                 return
-        raise checkpoint.CheckpointError(f"no complete checkpoint beside {ckpt.path}: start a new run.name")
+        print(f"draftray: no complete checkpoint of this run is left beside {ckpt.path}: training starts again from step 0", file=sys.stderr)
+        self.generation = next_generation(None, registered and _name(registered), _beside(ckpt))
+        yield None
+
+    def _driver_choice(self) -> ray.train.Checkpoint | None:
+        if self.start_from is None:
+            return None
+        storage = ray.train.get_context().get_storage()
+        return ray.train.Checkpoint(storage.build_checkpoint_path_from_name(self.start_from), filesystem=storage.storage_filesystem)
+
+
+def next_generation(restored: str | None, registered: str | None, beside: list[str]) -> int:
+    """The generation of the names to write after restoring ``restored`` (None: starting from step 0) when Ray's
+    latest registered checkpoint is ``registered`` (None: none in this record) and ``beside`` are the checkpoint
+    names in the storage. Restoring the registered one (or with none registered) keeps the restored name's
+    generation; a fall-back past it takes a generation no name in the storage has yet: Ray's record holds
+    names up to the registered one, and writing one of them again would let Ray delete it as a stale entry."""
+    if registered is None or restored == registered:
+        return parse_name(restored)[1] if restored and parse_name(restored) else 0
+    return 1 + max((parse_name(n)[1] for n in [*beside, registered] if parse_name(n)), default=0)
+
+
+def _name(ckpt: ray.train.Checkpoint) -> str:
+    return ckpt.path.rstrip("/").rsplit("/", 1)[-1]
+
+
+def _beside(ckpt: ray.train.Checkpoint) -> list[str]:
+    """The checkpoint directory names in ``ckpt``'s storage folder, newest first."""
+    parent = ckpt.path.rstrip("/").rsplit("/", 1)[0]
+    infos = ckpt.filesystem.get_file_info(pafs.FileSelector(parent))
+    return newest_first(i.base_name for i in infos if i.type == pafs.FileType.Directory)
 
 
 def _older_checkpoints(ckpt: ray.train.Checkpoint) -> list[ray.train.Checkpoint]:
-    """The step_NNNNNN directories beside ``ckpt`` in its storage with a lower step, newest first."""
-    import pyarrow.fs as pafs
-
-    parent, name = ckpt.path.rstrip("/").rsplit("/", 1)
-    infos = ckpt.filesystem.get_file_info(pafs.FileSelector(parent))
-    older = sorted((i.base_name for i in infos if i.type == pafs.FileType.Directory and re.fullmatch(r"step_\d{6}", i.base_name)
-                    and i.base_name < name), reverse=True)  # fmt: skip
+    """The checkpoints beside ``ckpt`` in its storage that are older (by step, then generation), newest first."""
+    parent, own = ckpt.path.rstrip("/").rsplit("/", 1)[0], parse_name(_name(ckpt))
+    older = [n for n in _beside(ckpt) if own is None or parse_name(n) < own]
     return [ray.train.Checkpoint(f"{parent}/{n}", filesystem=ckpt.filesystem) for n in older]
 
 
@@ -107,7 +148,8 @@ def worker_entry(config: dict) -> None:
     from rayjobs.training.loop import train_loop
 
     cfg = Config.model_validate(config["cfg"])
-    ctx = RayContext(Path(config["run_dir"]), cfg.ray.storage_path, cfg.ray.upload_attempts, cfg.ray.upload_backoff_s)
+    ctx = RayContext(Path(config["run_dir"]), cfg.ray.storage_path, cfg.ray.upload_attempts, cfg.ray.upload_backoff_s,
+                     config.get("start_from"))
     if ctx.rank == 0:
         record_placement_group(Path(config["run_dir"]))
         if cfg.ray.storage_path:
@@ -217,10 +259,10 @@ def deterministic_message(rank: int, err: BaseException) -> str:
             f"(this kind of error recurs on every attempt): {fix} and start the run again; --verbose shows the traceback")  # fmt: skip
 
 
-def training_failure(err: BaseException, max_failures: int) -> Exception:
+def training_failure(err: BaseException, max_failures: int, checkpointed: bool = True) -> Exception:
     """The one-line error for a failed ``fit``: UserError (exit 2) for a deterministic worker error, which says
     what to fix; else TrainingStopped naming the worker's error, the retries spent, and that the same run.name
-    resumes from the checkpoints kept."""
+    resumes from the checkpoints kept (``checkpointed``) or, with none written yet, starts again from step 0."""
     failure = getattr(err, "controller_failure", None)  # ray.train.ControllerError
     if isinstance(failure, UserError):  # StopOnDeterministicError's, or a callback's own
         return UserError(str(failure))
@@ -243,7 +285,6 @@ def training_failure(err: BaseException, max_failures: int) -> Exception:
     tries = max_failures + 1
     attempts = f" after {tries} attempt{'s' if tries > 1 else ''} (ray.max_failures={max_failures})" if failures and max_failures >= 0 else ""
     where = f" on worker rank {rank}" if rank is not None else ""
-    return TrainingStopped(
-        f"training failed{attempts}{where}: {described(inner)}; checkpoints are kept, start the same run.name to resume; "
-        "--verbose shows the workers' logs"
-    )
+    then = ("checkpoints are kept, start the same run.name to resume" if checkpointed
+            else "no checkpoint was written yet: the same run.name starts again from step 0")  # fmt: skip
+    return TrainingStopped(f"training failed{attempts}{where}: {described(inner)}; {then}; --verbose shows the workers' logs")

@@ -22,7 +22,6 @@ their bytes: ranks may write same-named files there).
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -32,25 +31,18 @@ from typing import Callable
 import torch
 from safetensors.torch import load_file, save_file
 
+# The manifests and their check need no torch (the driver checks checkpoints before a run): rayjobs/training/manifest.py.
+from rayjobs.training.manifest import FORMAT, MANIFEST, CheckpointError, is_complete, manifest_name, sha256, verify  # noqa: F401
+
 WEIGHTS = "trainable.safetensors"
 OPTIMIZER = "optimizer.pt"
 STATE = "state.json"
-MANIFEST = "manifest.json"
 TMP_PREFIX = ".tmp-"  # files being written; never part of a checkpoint
-FORMAT = 1
 
 logger = logging.getLogger(__name__)
 
 # Test hook: called with each file's final path right after it is in place (tests/test_reliability.py).
 on_file_written: Callable[[Path], None] | None = None
-
-
-class CheckpointError(RuntimeError):
-    """A checkpoint that is incomplete (its writing was interrupted) or whose files do not match its manifest."""
-
-
-def manifest_name(rank: int) -> str:
-    return MANIFEST if rank == 0 else f"manifest_rank{rank}.json"
 
 
 def _fsync(path: Path) -> None:
@@ -82,14 +74,6 @@ def _write_atomic(path: Path, write: Callable[[Path], None]) -> None:
         raise
     if on_file_written is not None:
         on_file_written(path)
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 22), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def begin(directory: Path, rank: int) -> None:
@@ -129,55 +113,11 @@ def save(directory: Path, rank: int, step: int, weights: dict, optimizer, lr_sch
         "rank": rank,
         "step": step,
         "world_size": world_size,
-        "files": {name: {"size": (directory / name).stat().st_size, "sha256": _sha256(directory / name)} for name in written},
+        "files": {name: {"size": (directory / name).stat().st_size, "sha256": sha256(directory / name)} for name in written},
         "sharded": sharded,
     }
     _write_atomic(directory / manifest_name(rank), lambda p: p.write_text(json.dumps(manifest, indent=1), encoding="utf-8"))
     _fsync(directory)
-
-
-def _read_manifest(directory: Path, rank: int) -> dict:
-    path = directory / manifest_name(rank)
-    if not path.is_file():
-        who = "" if rank == 0 else f" (rank {rank}'s)"
-        raise CheckpointError(
-            f"checkpoint {directory} is incomplete: no {path.name}{who}, so its writing was interrupted "
-            "(or it predates manifests); resume from an earlier checkpoint"
-        )
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as err:
-        raise CheckpointError(f"checkpoint {directory}: {path.name} is unreadable ({err})") from err
-
-
-def verify(directory: Path) -> dict:
-    """Checks ``directory`` is a complete checkpoint (every rank's manifest, every file matching); returns
-    rank 0's manifest. Raises CheckpointError naming what is missing or differs."""
-    directory = Path(directory)
-    head = _read_manifest(directory, 0)
-    for rank in range(int(head.get("world_size", 1))):
-        manifest = head if rank == 0 else _read_manifest(directory, rank)
-        for name, want in manifest.get("files", {}).items():
-            path = directory / name
-            if not path.is_file():
-                raise CheckpointError(f"checkpoint {directory}: {name} is missing (listed in {manifest_name(rank)})")
-            size = path.stat().st_size
-            if size != want["size"]:
-                raise CheckpointError(f"checkpoint {directory}: {name} has {size} bytes, {manifest_name(rank)} lists {want['size']}: corrupt or tampered")
-            if _sha256(path) != want["sha256"]:
-                raise CheckpointError(f"checkpoint {directory}: {name} does not match the sha256 in {manifest_name(rank)}: corrupt or tampered")
-        missing = [name for name in manifest.get("sharded", []) if not (directory / name).is_file()]
-        if missing:
-            raise CheckpointError(f"checkpoint {directory}: shard files missing ({', '.join(missing[:3])}{', ...' if len(missing) > 3 else ''})")
-    return head
-
-
-def is_complete(directory: Path) -> bool:
-    try:
-        verify(directory)
-    except CheckpointError:
-        return False
-    return True
 
 
 def load(directory: Path, rank: int, optimizer, lr_schedule, scaler=None) -> tuple[int, dict[str, torch.Tensor]]:

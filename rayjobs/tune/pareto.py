@@ -7,12 +7,20 @@ trained weights at that step (kind "trained") or those weights with an inference
 Outputs in the sweep directory, all rebuilt from trials.csv by ``draftray pareto SWEEP_DIR``
 (except trials.csv itself, which `draftray sweep` writes from the trial directories):
     trials.csv     every point of every trial: status, error, swept values (config.<key>), kl_coeff, step, kind, knob,
-                   reward (+ std and each component), KL, diversity, on_front, checkpoint, grid
+                   reward (+ std and each component), KL, diversity, on_front, checkpoint, grid; a trial without
+                   an evaluation (failed, interrupted, not started) is one row with its status and empty metrics
     pareto.csv     the non-dominated points (reward and diversity both maximised), same columns
     pareto.json    the same with the axis names and a command to reproduce each point
     pareto.png     every point, the front highlighted (rayjobs/tune/plot.py)
     front/         one sample grid per front point (same prompts and seeds: compare by eye)
     summary.md     each trial's final state, and the front with its reproduce commands
+
+A trial's status (trial.json, the status column) is one of:
+    done          it evaluated its last step
+    stopped       the scheduler (ASHA) ended it early
+    failed        Tune gave up on it after sweep.max_failures restarts (error: its first line)
+    interrupted   it was training when the sweep was interrupted (Ctrl-C, SIGTERM); --resume continues it
+    not_started   it never started (the sweep ended before its turn); --resume starts it
 """
 
 from __future__ import annotations
@@ -20,7 +28,9 @@ from __future__ import annotations
 import csv
 import json
 import math
+import shlex
 import shutil
+from collections import Counter
 from pathlib import Path
 
 import yaml
@@ -32,6 +42,9 @@ FIXED = ["trial", "status", "error"]  # then the swept keys (config.<key>), kl_c
 POINT = ["step", "kind", "knob", "reward", "reward_std", "kl", "diversity", "on_front"]
 TAIL = ["checkpoint", "grid"]
 TEXT = ("trial", "status", "error", "kind", "knob", "checkpoint", "grid")  # always present, "" when empty
+DONE, STOPPED, FAILED, INTERRUPTED, NOT_STARTED = "done", "stopped", "failed", "interrupted", "not_started"
+STATES = (DONE, STOPPED, FAILED, INTERRUPTED, NOT_STARTED)  # the order summary.md counts them in
+UNFINISHED = (INTERRUPTED, NOT_STARTED)  # what `draftray sweep --resume` runs
 
 
 def column(key: str) -> str:
@@ -73,6 +86,19 @@ def collect_rows(trials_dir: Path, keys: list[str], reward: str, diversity: str)
         if not points:
             rows.append({**head, **{k: "" for k in TEXT if k not in head}})
     return rows
+
+
+def unstarted_row(index: int, params: dict | None, keys: list[str], kl_coeff) -> dict:
+    """The trials.csv row of a trial of the space that never started: named #<its place in the space> (it has
+    no run directory, nor a name from Tune yet), its swept values (empty when drawn only at its start:
+    ``params`` None), no metrics."""
+    values = {column(k): params[k] for k in keys} if params is not None else {}
+    return {"trial": f"#{index}", "status": NOT_STARTED, **values, "kl_coeff": kl_coeff, **{k: "" for k in TEXT if k not in ("trial", "status")}}
+
+
+def resume_command(out: Path) -> str:
+    """The command that continues the sweep in ``out`` (quoted for a POSIX shell)."""
+    return f"draftray sweep --resume {shlex.quote(str(out))}"
 
 
 def fields_of(rows: list[dict], keys: list[str]) -> list[str]:
@@ -132,10 +158,11 @@ def diversity_key(cfg) -> str:
     return cfg.sweep.diversity_metric or f"eval/diversity_{cfg.diversity.name}"
 
 
-def build_outputs(out: Path, cfg) -> list[dict]:
-    """After the trials: trials.csv from the trial directories, then every other output; returns the front."""
+def build_outputs(out: Path, cfg, unstarted: list[dict] = ()) -> list[dict]:
+    """After the trials: trials.csv from the trial directories and the ``unstarted`` rows (unstarted_row), so
+    it lists every trial of the space, then every other output; returns the front."""
     keys = list(cfg.sweep.params)
-    rows = collect_rows(out / TRIALS, keys, cfg.sweep.reward_metric, diversity_key(cfg))
+    rows = collect_rows(out / TRIALS, keys, cfg.sweep.reward_metric, diversity_key(cfg)) + list(unstarted)
     mark_front(rows)
     write_csv(rows, fields_of(rows, keys), out / "trials.csv")
     return write_front(out, rows, keys, cfg.sweep.reward_metric, diversity_key(cfg))
@@ -199,7 +226,9 @@ def reproduce(out: Path, r: dict) -> str:
 
 
 def write_summary(rows: list[dict], front: list[dict], keys: list[str], path: Path) -> str:
-    """Markdown: each trial's final trained point (or its failure), then the front with reproduce commands."""
+    """Markdown: how many trials are in each state (and the command that finishes an interrupted sweep), each
+    trial's final trained point (or its state alone: failed, interrupted, not started), then the front with
+    reproduce commands."""
     last: dict[str, dict] = {}
     for r in rows:
         if r["kind"] in ("trained", "") and (r["trial"] not in last or r.get("step", -1) > last[r["trial"]].get("step", -1)):
@@ -217,12 +246,23 @@ def write_summary(rows: list[dict], front: list[dict], keys: list[str], path: Pa
     errors = [f"- {r['trial']}: {r['error']}" for r in last.values() if r.get("error")]
     commands = [f"{i}. reward {_fmt(r['reward'])}, diversity {_fmt(r['diversity'])}: `{r['reproduce']}`" for i, r in enumerate(front)]
     text = "\n".join(
-        ["## Final point of each trial", "", head, rule, *map(row, last.values()), "", *([*errors, ""] if errors else []),
+        [*_states(list(last.values()), Path(path).parent),
+         "## Final point of each trial", "", head, rule, *map(row, last.values()), "", *([*errors, ""] if errors else []),
          "## Pareto front (reward and diversity both maximised; highest reward first)", "", head, rule, *map(row, front), "",
          "### Reproduce each front point (grids in front/)", "", *commands, ""]  # fmt: skip
     )
     Path(path).write_text(text, encoding="utf-8")
     return text
+
+
+def _states(trials: list[dict], out: Path) -> list[str]:
+    """The summary's first lines: the count of trials in each state; for an interrupted sweep, how to finish it."""
+    counts = Counter(r["status"] for r in trials)
+    order = [*STATES, *sorted(set(counts) - set(STATES))]  # e.g. "running": a summary rebuilt while trials ran
+    lines = [f"Trials: {', '.join(f'{counts[s]} {s}' for s in order if counts[s])} ({len(trials)} in all).", ""]
+    if any(counts[s] for s in UNFINISHED):
+        lines += [f"The sweep was interrupted: `{resume_command(out)}` finishes the interrupted and not-started trials.", ""]
+    return lines
 
 
 def _fmt(v) -> str:

@@ -16,8 +16,13 @@ Sweep directory (<run.output_dir>/<sweep.name>), see rayjobs/tune/pareto.py for 
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import logging
+import signal
 import sys
+import threading
+from collections import Counter
 from datetime import datetime
 from pathlib import Path
 
@@ -29,29 +34,29 @@ from rayjobs.cluster.driver import check_resources, connect, prepare_run_dir, ru
 from rayjobs.cluster.preflight import preflight
 from rayjobs.cluster.storage import check_storage, cluster_nodes, pull_run_dir, sync_run_dir
 from rayjobs.config import Config, load_config, set_dotted, to_yaml, validate
-from rayjobs.config.sweep import ParamSpec
-from rayjobs.errors import TrainingStopped, UserError
+from rayjobs.errors import Interrupted, TrainingStopped, UserError, first_line
 from rayjobs.runlock import hold_run
 from rayjobs.runlog import STOP_REQUEST, Watcher, new_records, read_metrics, read_status, write_status
-from rayjobs.tune.pareto import TRIALS, build_outputs, diversity_key, get_dotted
+from rayjobs.tune.pareto import (
+    DONE,
+    FAILED,
+    INTERRUPTED,
+    NOT_STARTED,
+    STATES,
+    STOPPED,
+    TRIALS,
+    UNFINISHED,
+    build_outputs,
+    diversity_key,
+    get_dotted,
+    resume_command,
+    unstarted_row,
+)
 from rayjobs.tune.resources import ReleaseTrainResources
+from rayjobs.tune.space import planned_trials, trial_index, tune_space
 
 TUNE = "tune"
-
-
-def tune_space(params: dict[str, ParamSpec]) -> dict:
-    """SweepConfig.params -> Tune param_space, keyed by the dotted config key."""
-    space = {}
-    for key, spec in params.items():
-        if spec.grid is not None:
-            space[key] = tune.grid_search(list(spec.grid))
-        elif spec.choice is not None:
-            space[key] = tune.choice(list(spec.choice))
-        elif spec.uniform is not None:
-            space[key] = tune.uniform(*spec.uniform)
-        else:
-            space[key] = tune.loguniform(*spec.loguniform)
-    return space
+TUNE_LOGGER = "ray.tune.tune"  # the logger of tune.run, which tuner.fit calls
 
 
 def trial_config(base: dict, params: dict, name: str, output_dir: str) -> Config:
@@ -204,7 +209,8 @@ def sweep_dir_for(cfg: Config) -> Path:
 
 
 def run_sweep(cfg: Config, verbose: bool = False) -> Path:
-    """Runs every trial, then the inference-time points and the outputs; returns the sweep directory."""
+    """Runs every trial, then the inference-time points and the outputs; returns the sweep directory.
+    Interrupted (Ctrl-C, SIGTERM) once Tune has started: the outputs list every trial's state, then Interrupted."""
     if cfg.sweep is None:
         raise UserError("sweep: the config has no sweep section (see configs/toy-kl-sweep.yaml)")
     cfg = preflight(cfg)
@@ -214,8 +220,7 @@ def run_sweep(cfg: Config, verbose: bool = False) -> Path:
     with hold_run(out, cfg.ray.storage_path, field="sweep.name"):
         if (out / TUNE).exists():
             raise UserError(f"sweep.name: {out} already holds a sweep; `draftray sweep --resume {out}` continues it, or pick another sweep.name")
-        started = connect(cfg, verbose)
-        try:
+        with sweep_driver(cfg, out, verbose) as signals:
             check_storage(cfg.ray.storage_path, cluster_nodes())
             check_resources(variants)
             out.mkdir(parents=True, exist_ok=True)
@@ -226,30 +231,90 @@ def run_sweep(cfg: Config, verbose: bool = False) -> Path:
                 tune_config=tune.TuneConfig(num_samples=cfg.sweep.num_samples, search_alg=_search(cfg), scheduler=_scheduler(cfg)),
                 run_config=_run_config(cfg, out, verbose),
             )
-            return _finish(cfg, out, tuner)
-        finally:
-            if started:
-                ray.shutdown()
+            return _finish(cfg, out, tuner, signals)
 
 
 def resume_sweep(sweep_dir: str | Path, verbose: bool = False) -> Path:
-    """Continues a sweep whose driver stopped (Tune's restore): finished and failed trials are kept,
-    unfinished ones continue from their latest checkpoints, trials not yet started start."""
+    """Continues a sweep whose driver stopped (Tune's restore): done, stopped and failed trials are kept,
+    interrupted ones continue from their latest checkpoints, trials not yet started start."""
     out = Path(sweep_dir).resolve()
     if not (out / "sweep.yaml").is_file() or not tune.Tuner.can_restore(str(out / TUNE)):
         raise UserError(f"--resume {sweep_dir}: not a sweep directory (needs sweep.yaml and tune/ from `draftray sweep`)")
     cfg = preflight(load_config(out / "sweep.yaml"))
     variants = check_sweep(cfg, cfg.model_dump(mode="json"))
     with hold_run(out, cfg.ray.storage_path, field="sweep.name"):  # not while the sweep's own driver still runs
-        started = connect(cfg, verbose)
-        try:
+        with sweep_driver(cfg, out, verbose) as signals:
             check_storage(cfg.ray.storage_path, cluster_nodes())
             check_resources(variants)
             tuner = tune.Tuner.restore(str(out / TUNE), _trainable(cfg, out), resume_unfinished=True, resume_errored=False)
-            return _finish(cfg, out, tuner)
+            return _finish(cfg, out, tuner, signals)
+
+
+@contextlib.contextmanager
+def sweep_driver(cfg: Config, out: Path, verbose: bool):
+    """Ray connected for a sweep's driver (shut down at the end if started here), with SIGTERM doing what Ctrl-C
+    does; an interruption once Tune has state to restore ends as Interrupted, one line naming `draftray sweep
+    --resume`. Yields the list of the signals received that way (SIGTERM; Tune handles SIGINT itself, so an
+    interruption without one is SIGINT).
+
+    During tuner.fit, Tune's SIGINT handler ends the experiment cleanly (it saves its state, stops the running
+    trials, and fit returns: _finish tells the interrupted trials from the rest); SIGTERM calls that handler.
+    Outside fit the handler in place raises KeyboardInterrupt."""
+    received: list[int] = []
+    hint = _NoRestoreHint()
+    logging.getLogger(TUNE_LOGGER).addFilter(hint)
+    try:
+        started = connect(cfg, verbose)
+        try:
+            with _sigterm_as_ctrl_c(received):
+                yield received
         finally:
             if started:
                 ray.shutdown()
+    except KeyboardInterrupt:
+        if not tune.Tuner.can_restore(str(out / TUNE)):
+            raise  # nothing to resume yet: the same command starts the sweep again
+        raise Interrupted(f"sweep interrupted ({_signal_name(received)}); continue with: {resume_command(out)}", _signum(received)) from None
+    finally:
+        logging.getLogger(TUNE_LOGGER).removeFilter(hint)
+
+
+@contextlib.contextmanager
+def _sigterm_as_ctrl_c(received: list[int]):
+    """SIGTERM calls the SIGINT handler in place (Tune's during fit) and is appended to ``received``. Installed
+    once Ray is connected: ray.init gives the driver Ray's own SIGTERM handler, which aborts the process
+    (exit -6: no state saved, no line printed)."""
+
+    def on_sigterm(signum, frame):
+        received.append(signum)
+        handler = signal.getsignal(signal.SIGINT)
+        if not callable(handler):  # SIG_IGN or SIG_DFL
+            raise KeyboardInterrupt
+        handler(signal.SIGINT, frame)
+
+    main = threading.current_thread() is threading.main_thread()  # signal handlers belong to the main thread
+    previous = signal.signal(signal.SIGTERM, on_sigterm) if main else None
+    try:
+        yield
+    finally:
+        if main:  # Ray's handler, installed from C, reads as None: the default then
+            signal.signal(signal.SIGTERM, previous if previous is not None else signal.SIG_DFL)
+
+
+class _NoRestoreHint(logging.Filter):
+    """Drops Tune's warning that an interrupted experiment resumes with ``Tuner.restore(path=..., trainable=...)``:
+    Python a user of the CLI cannot run; the sweep's own line names `draftray sweep --resume`."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "Tuner.restore(" not in record.getMessage()
+
+
+def _signum(received: list[int]) -> int:
+    return received[-1] if received else signal.SIGINT
+
+
+def _signal_name(received: list[int]) -> str:
+    return signal.Signals(_signum(received)).name
 
 
 def _run_config(cfg: Config, out: Path, verbose: bool) -> tune.RunConfig:
@@ -260,36 +325,84 @@ def _run_config(cfg: Config, out: Path, verbose: bool) -> tune.RunConfig:
     )  # fmt: skip
 
 
-def _finish(cfg: Config, out: Path, tuner: tune.Tuner) -> Path:
+def _finish(cfg: Config, out: Path, tuner: tune.Tuner, signals: list[int]) -> Path:
+    """Runs the trials, records each one's state, writes the outputs. A sweep that ended with trials
+    interrupted or not started (Ctrl-C, SIGTERM) raises Interrupted after writing trials.csv and summary.md
+    (the inference-time points wait for the resumed sweep's end); failed trials raise TrainingStopped."""
     trials = out / TRIALS
+    results = None
     with SweepProgress(trials, list(cfg.sweep.params), cfg.sweep.reward_metric, diversity_key(cfg)):
-        results = tuner.fit()
+        try:
+            results = tuner.fit()
+        except KeyboardInterrupt:  # a second Ctrl-C while Tune stopped the trials: no verdict from Tune
+            if not tune.Tuner.can_restore(str(out / TUNE)):
+                raise
     _final_status(trials, results)
-    _inference_points(cfg, trials)
-    build_outputs(out, cfg)
+    unstarted = _unstarted(cfg, trials)
+    states = [read_status(d)["status"] for d in _run_dirs(trials)] + [NOT_STARTED] * len(unstarted)
+    interrupted = any(s in UNFINISHED for s in states)
+    if not interrupted:
+        _inference_points(cfg, trials)
+    build_outputs(out, cfg, unstarted)
     if cfg.ray.storage_path:  # the front, trials.csv and summary next to the trials' checkpoints
         sync_run_dir(out, cfg.ray.storage_path, out.name)
-    failed = [r for r in results if r.error is not None]
+    if interrupted:
+        counts = Counter(states)
+        tally = ", ".join(f"{counts[s]} {s.replace('_', ' ')}" for s in STATES if counts[s])
+        raise Interrupted(f"sweep interrupted ({_signal_name(signals)}): {tally} of {len(states)} trials; continue with: {resume_command(out)}",
+                          _signum(signals))  # fmt: skip
+    failed = [s for s in states if s == FAILED]
     if failed:
-        raise TrainingStopped(f"{len(failed)} of {len(results)} trials failed (their errors are in {out / 'trials.csv'}); the front uses the rest")
+        raise TrainingStopped(f"{len(failed)} of {len(states)} trials failed (their errors are in {out / 'trials.csv'}); the front uses the rest")
     return out
 
 
 def _final_status(trials: Path, results) -> None:
-    """Each trial's trial.json from Tune's verdict: failed (Tune gave up on it; the trial's own first error
-    line is kept), done (it evaluated its last step) or stopped (ended early by the scheduler, whose
-    kill also reaches the trial's except clause, so trial.json alone cannot tell)."""
-    errors = {Path(r.path).name: str(r.error) for r in results if r.error is not None}  # <trial name>_<index>_<params>_<date>
+    """Each trial's trial.json from Tune's verdict (``results``, the ResultGrid; None when Tune gave none,
+    interrupted itself), see _state."""
+    verdicts = {Path(r.path).name: r for r in results} if results is not None else {}  # <trial name>_<index>_<params>_<date>
     for run_dir in _run_dirs(trials):
-        mine = [e for name, e in errors.items() if name.startswith(run_dir.name + "_")]
-        own = read_status(run_dir)
-        if mine:
-            first = next((ln.strip() for ln in mine[0].splitlines() if ln.strip()), "failed")
-            write_status(run_dir, "failed", own["error"] or first)
-            continue
-        steps = load_config(run_dir / "config.yaml").train.steps
-        done = any(m["step"] == steps and "eval/reward_mean" in m for m in read_metrics(run_dir))
-        write_status(run_dir, "done" if done else "stopped")
+        result = next((r for name, r in verdicts.items() if name.startswith(run_dir.name + "_")), None)
+        write_status(run_dir, *_state(run_dir, result))
+
+
+def _state(run_dir: Path, result) -> tuple[str, str]:
+    """(status, error) of one trial that started. failed: Tune gave up on it (the trial's own first error line
+    is kept); done: it evaluated its last step; stopped: Tune ended it early with a last result marked done,
+    which is the scheduler's stop (the scheduler's kill also reaches the trial's except clause, so trial.json
+    alone cannot tell); interrupted: it ended early without that mark, so only because the sweep ended (an
+    interrupted sweep stops its running trials; a trial whose function returns is marked done too)."""
+    if result is not None and result.error is not None:
+        return FAILED, read_status(run_dir)["error"] or first_line(result.error)
+    steps = load_config(run_dir / "config.yaml").train.steps
+    if any(m["step"] == steps and "eval/reward_mean" in m for m in read_metrics(run_dir)):
+        return DONE, ""
+    if result is not None and (result.metrics or {}).get("done"):  # Tune's own "done" metric
+        return STOPPED, ""
+    return INTERRUPTED, ""
+
+
+def _unstarted(cfg: Config, trials: Path) -> list[dict]:
+    """trials.csv rows of the trials of the search space that have no run directory (rayjobs/tune/space.py):
+    by their index in Tune's names with search basic; the last ones of num_samples with search optuna."""
+    planned, run_dirs = planned_trials(cfg.sweep), _run_dirs(trials)
+    if cfg.sweep.search == "optuna":
+        missing = range(len(run_dirs), len(planned))
+    else:
+        started = {trial_index(d.name) for d in run_dirs}
+        missing = [i for i in range(len(planned)) if i not in started]
+    base, keys = cfg.model_dump(mode="json"), list(cfg.sweep.params)
+    return [unstarted_row(i, planned[i], keys, _kl_coeff(base, planned[i], str(trials))) for i in missing]
+
+
+def _kl_coeff(base: dict, params: dict | None, trials_dir: str):
+    """The kl_coeff a trial with these swept values trains with ("" when they are not drawn yet, or invalid together)."""
+    if params is None:
+        return ""
+    try:
+        return trial_config(base, params, "unstarted", trials_dir).objective.weights.kl_coeff
+    except UserError:
+        return ""
 
 
 def _run_dirs(trials: Path) -> list[Path]:
