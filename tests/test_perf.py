@@ -172,6 +172,7 @@ def test_compiled_sampler_sees_the_optimizer_update(tiny):
     torch.testing.assert_close(after, eager_after, atol=1e-6, rtol=0)
 
 
+@pytest.mark.slow  # the fast tier keeps its siblings (make test's 10-minute budget)
 def test_compile_all_compiles_the_gradient_path_too(tiny):
     policy = _lora(tiny)
     expected = _images(policy, track_grad=True).images

@@ -211,6 +211,7 @@ class _Holder:
         return True
 
 
+@pytest.mark.slow  # the fast tier keeps its siblings (make test's 10-minute budget)
 def test_an_orphaned_worker_group_is_reaped_only_while_trials_starve(cluster):
     """A placement group of this job holding a CPU with no actor in it (a Train controller's last worker group,
     made as Tune killed it) is removed once something waits for resources and it stayed empty orphan_s; one

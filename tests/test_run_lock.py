@@ -227,7 +227,7 @@ def test_heartbeat_refreshes_the_lock_and_notices_a_take_over(tmp_path, capsys):
     assert err.startswith(f"draftray: warning: run.name r1: the lock {path} was taken over by pid 4242 on host node-b")
 
 
-@pytest.mark.parametrize("no_flock", [False, True], ids=["flock", "guard-only"])
+@pytest.mark.parametrize("no_flock", [False, pytest.param(True, marks=pytest.mark.slow)], ids=["flock", "guard-only"])  # guard-only: slow tier
 def test_processes_racing_for_a_stale_lock_exactly_one_wins(tmp_path, no_flock):
     """Four processes find the same stale lock at the same instant: one takes it over, the other three are refused
     and name the winner. Without flock (NO_FLOCK) the take-over guard alone decides."""

@@ -120,6 +120,7 @@ def test_fsdp_matches_ddp_and_resumes_on_another_worker_count(ddp_curve, tmp_pat
     assert all(torch.equal(two_ranks[k], one_rank[k]) for k in two_ranks)
 
 
+@pytest.mark.slow  # the fast tier keeps its siblings (make test's 10-minute budget)
 def test_sdxl_full_finetune_with_fsdp_matches_ddp_and_exports_a_pipeline(tmp_path):
     """Full fine-tuning of the tiny SDXL sharded over 2 ranks: the DDP curve, and a StableDiffusionXLPipeline export."""
     from diffusers import StableDiffusionXLPipeline
@@ -153,6 +154,7 @@ def test_deepspeed_zero2_matches_ddp_and_resumes(ddp_curve, tmp_path):
         _run(again, 1, "ray.strategy=deepspeed", "train.steps=3", "trainable.ema_decay=0.5")
 
 
+@pytest.mark.slow  # the fast tier keeps its siblings (make test's 10-minute budget)
 def test_deepspeed_zero3_matches_ddp_resumes_and_exports_the_gathered_weights(ddp_curve, tmp_path, monkeypatch):
     """Parameters sharded too (every toy weight: threshold 0; the forked ranks inherit the patch). The
     export comes from the collective gather onto rank 0; DeepSpeed's own zero_to_fp32 rebuilds the same

@@ -83,6 +83,7 @@ def test_samples_follow_their_captions(net):
     assert accuracy >= MIN_CAPTION_ACCURACY, f"caption accuracy {accuracy:.2f}"
 
 
+@pytest.mark.slow  # the fast tier keeps its siblings (make test's 10-minute budget)
 def test_pretrain_command_writes_a_loadable_model_with_card(tmp_path):
     """`draftray toy pretrain`, cut to 2 + 2 steps: a diffusers-layout directory the loaders read back."""
     from rayjobs.cli import main
