@@ -319,6 +319,9 @@ def main(argv: list[str] | None = None) -> int:
     except TrainingStopped as err:
         print(f"draftray: stopped: {err}", file=sys.stderr)
         return err.exit_code
+    except Interrupted as err:  # SIGTERM to `draftray train` (a sweep's own handler prints its --resume line)
+        print(f"draftray: {err}", file=sys.stderr)
+        return err.exit_code
     except KeyboardInterrupt:
         print("draftray: interrupted; start the same run name again to resume", file=sys.stderr)
         return 130

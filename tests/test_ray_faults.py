@@ -110,6 +110,33 @@ def test_killed_train_driver_then_the_same_command_continues(cluster, tmp_path):
     assert_bitwise_equal(checkpoint_state(run / "checkpoints" / "step_000010"), checkpoint_state(straight / "checkpoints" / "local_step_000010"))
 
 
+def test_sigterm_to_the_train_driver_is_one_line_and_the_run_continues(cluster, tmp_path):
+    """`kill PID` (SIGTERM, what `draftray jobs stop` sends first) to `draftray train` with its own local Ray: exit
+    143 with one line naming the command that continues the run (not Ray's own handler, which aborted the driver
+    with exit -6 and nothing printed); the same command again finishes the run from its checkpoint."""
+    from rayjobs.cli import main
+
+    settings = ["train.steps=8", "train.checkpoint_every=1", "reward.name=faults:Slow", "reward.kwargs={seconds: 0.5}"]
+    args = ["train", *FAST, f"run.output_dir={tmp_path}", "run.name=term", *settings]
+    driver = subprocess.Popen([sys.executable, "-m", "rayjobs.cli", *args], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, cwd=REPO)
+    run = tmp_path / "term"
+    deadline = time.time() + 240
+    try:
+        while time.time() < deadline and not (registered_checkpoint(run) and len(train_steps(run)) >= 2):
+            time.sleep(0.3)
+        assert driver.poll() is None, "the driver ended before the signal"
+        driver.terminate()  # SIGTERM to the driver's PID only
+        _, err = driver.communicate(timeout=120)
+    finally:
+        if driver.poll() is None:
+            kill_with_children(driver)
+    lines = [ln for ln in err.splitlines() if ln.startswith("draftray: ")]
+    assert driver.returncode == 143, err[-2000:]
+    assert lines[-1] == f"draftray: training interrupted (SIGTERM); start the same run.name to resume: draftray train {run / 'config.yaml'}"
+    assert main(args) == 0 and train_steps(run)[-1] == 8
+    assert [m["resumed_from_step"] for m in read_metrics(run) if "resumed_from_step" in m]  # continued, not restarted
+
+
 def test_resume_after_killed_worker_and_after_restart(cluster, tmp_path):
     marker = tmp_path / "crashed"
     reward = ["reward.name=faults:CrashOnce", f"reward.kwargs={{at_call: 4, marker: '{marker}'}}"]

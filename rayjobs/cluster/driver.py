@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import contextlib
 import os
+import signal
 import sys
+import threading
 from datetime import datetime
 from pathlib import Path
 
@@ -24,7 +26,7 @@ from rayjobs.cluster.recovery import has_checkpoints, reconcile
 from rayjobs.cluster.storage import check_storage, cluster_nodes, run_uri
 from rayjobs.cluster.worker import CHECKPOINTS, StopOnDeterministicError, training_failure, worker_entry
 from rayjobs.config import Config, to_yaml
-from rayjobs.errors import TrainingStopped, UserError
+from rayjobs.errors import Interrupted, TrainingStopped, UserError
 from rayjobs.runlock import hold_run
 from rayjobs.runlog import METRICS_FILE, STOP_FILE, STOP_REQUEST, Watcher, new_records, read_metrics
 
@@ -85,25 +87,59 @@ def start_local_ray(**kwargs) -> None:
 
 
 def fit(cfg: Config, verbose: bool = False) -> Path:
-    """Runs (or resumes) training; returns the run directory."""
+    """Runs (or resumes) training; returns the run directory. SIGTERM (``kill PID``, `draftray jobs stop`) ends it
+    as Ctrl-C does, as Interrupted: one line, the checkpoints kept, Ray shut down (docs/reliability.md)."""
     cfg = preflight(cfg)
     run_dir = run_dir_for(cfg)
+    received: list[int] = []
     # One driver per run name, from before anything is written until the end (docs/reliability.md, "One run per run name").
     with hold_run(run_dir, cfg.ray.storage_path):
         check_resume(cfg, run_dir)
         started = connect(cfg, verbose)
         try:
-            check_storage(cfg.ray.storage_path, cluster_nodes())
-            if started:  # a local cluster never grows: a run larger than it would wait forever
-                from rayjobs.cluster.driver import check_resources
-
-                check_resources([cfg])
-            prepare_run_dir(cfg, run_dir)
-            run_trainer(cfg, run_dir)
+            with sigterm_as_ctrl_c(received, delegate=False):
+                check_storage(cfg.ray.storage_path, cluster_nodes())
+                if started:  # a local cluster never grows: a run larger than it would wait forever
+                    check_resources([cfg])
+                prepare_run_dir(cfg, run_dir)
+                run_trainer(cfg, run_dir)
+        except KeyboardInterrupt:
+            if not received:
+                raise  # Ctrl-C: the CLI's own line
+            raise Interrupted(f"training interrupted (SIGTERM); start the same run.name to resume: {resume_hint(run_dir)}", signal.SIGTERM) from None
         finally:
             if started:
                 ray.shutdown()
     return run_dir
+
+
+def resume_hint(run_dir: Path) -> str:
+    """The command that continues a run: its own resolved config."""
+    return f"draftray train {run_dir / 'config.yaml'}"
+
+
+@contextlib.contextmanager
+def sigterm_as_ctrl_c(received: list[int], delegate: bool = True):
+    """SIGTERM calls the SIGINT handler in place (Tune's during a sweep's fit; ``delegate`` False: raises
+    KeyboardInterrupt instead) and is appended to ``received``. Installed once Ray is connected: ray.init gives
+    the driver Ray's own SIGTERM handler, which aborts the process (exit -6: no state saved, no line printed).
+    A train run does not delegate: Ray Train's SIGINT handler, in place during TorchTrainer.fit, aborts the run
+    and exits 1 without a word; KeyboardInterrupt leaves fit at once, and the checkpoints are already kept."""
+
+    def on_sigterm(signum, frame):
+        received.append(signum)
+        handler = signal.getsignal(signal.SIGINT)
+        if not delegate or not callable(handler):  # SIG_IGN or SIG_DFL
+            raise KeyboardInterrupt
+        handler(signal.SIGINT, frame)
+
+    main = threading.current_thread() is threading.main_thread()  # signal handlers belong to the main thread
+    previous = signal.signal(signal.SIGTERM, on_sigterm) if main else None
+    try:
+        yield
+    finally:
+        if main:  # Ray's handler, installed from C, reads as None: the default then
+            signal.signal(signal.SIGTERM, previous if previous is not None else signal.SIG_DFL)
 
 
 def prepare_run_dir(cfg: Config, run_dir: Path) -> None:

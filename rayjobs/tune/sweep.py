@@ -30,7 +30,7 @@ import ray
 from ray import tune
 from ray.tune.integration.ray_train import TuneReportCallback
 
-from rayjobs.cluster.driver import check_resources, connect, prepare_run_dir, run_trainer
+from rayjobs.cluster.driver import check_resources, connect, prepare_run_dir, run_trainer, sigterm_as_ctrl_c
 from rayjobs.cluster.preflight import preflight
 from rayjobs.cluster.storage import check_storage, cluster_nodes, pull_run_dir, sync_run_dir
 from rayjobs.config import Config, load_config, set_dotted, to_yaml, validate
@@ -138,8 +138,6 @@ def _forward_stop(run_dir: Path):
     the Train run shuts down cleanly and frees its placement group itself. Should the trial's process be
     killed first, Ray Train's placement-group cleaner frees it (rayjobs/cluster/driver.py: start_local_ray).
     Returns the event the trial sets once its run has ended."""
-    import threading
-
     from ray.train._internal.session import get_session
 
     event, finished = get_session().stop_event, threading.Event()  # stop_event: set by Tune's cleanup on stop
@@ -266,7 +264,7 @@ def sweep_driver(cfg: Config, out: Path, verbose: bool):
     try:
         started = connect(cfg, verbose)
         try:
-            with _sigterm_as_ctrl_c(received):
+            with sigterm_as_ctrl_c(received):
                 yield received
         finally:
             if started:
@@ -277,28 +275,6 @@ def sweep_driver(cfg: Config, out: Path, verbose: bool):
         raise Interrupted(f"sweep interrupted ({_signal_name(received)}); continue with: {resume_command(out)}", _signum(received)) from None
     finally:
         logging.getLogger(TUNE_LOGGER).removeFilter(hint)
-
-
-@contextlib.contextmanager
-def _sigterm_as_ctrl_c(received: list[int]):
-    """SIGTERM calls the SIGINT handler in place (Tune's during fit) and is appended to ``received``. Installed
-    once Ray is connected: ray.init gives the driver Ray's own SIGTERM handler, which aborts the process
-    (exit -6: no state saved, no line printed)."""
-
-    def on_sigterm(signum, frame):
-        received.append(signum)
-        handler = signal.getsignal(signal.SIGINT)
-        if not callable(handler):  # SIG_IGN or SIG_DFL
-            raise KeyboardInterrupt
-        handler(signal.SIGINT, frame)
-
-    main = threading.current_thread() is threading.main_thread()  # signal handlers belong to the main thread
-    previous = signal.signal(signal.SIGTERM, on_sigterm) if main else None
-    try:
-        yield
-    finally:
-        if main:  # Ray's handler, installed from C, reads as None: the default then
-            signal.signal(signal.SIGTERM, previous if previous is not None else signal.SIG_DFL)
 
 
 class _NoRestoreHint(logging.Filter):
