@@ -80,6 +80,14 @@ def test_sigkill_at_more_random_steps(straight, tmp_path, seed):
     _check_killed_run(run, straight, kills)
 
 
+def _wait_for_a_registered_checkpoint(driver: subprocess.Popen, run: Path, timeout: float = 240) -> None:
+    """Until Ray's record holds a checkpoint of ``run`` and 2 steps are logged; the driver must still run then."""
+    deadline = time.time() + timeout
+    while time.time() < deadline and not (registered_checkpoint(run) and len(train_steps(run)) >= 2):
+        time.sleep(0.3)
+    assert driver.poll() is None, "the driver ended before the test could stop it"
+
+
 def test_killed_train_driver_then_the_same_command_continues(cluster, tmp_path):
     """`draftray train` SIGKILLed midway (with its own local Ray); the same command again (here on the module's
     cluster) continues the run from its last registered checkpoint: one run directory, every step once more
@@ -91,11 +99,8 @@ def test_killed_train_driver_then_the_same_command_continues(cluster, tmp_path):
     args = ["train", *FAST, f"run.output_dir={tmp_path}", "run.name=drv", *settings]
     driver = subprocess.Popen([sys.executable, "-m", "rayjobs.cli", *args], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=REPO)
     run = tmp_path / "drv"
-    deadline = time.time() + 240
     try:
-        while time.time() < deadline and not (registered_checkpoint(run) and len(train_steps(run)) >= 2):
-            time.sleep(0.3)
-        assert driver.poll() is None, "the driver ended before it could be killed"
+        _wait_for_a_registered_checkpoint(driver, run)
     finally:
         kill_with_children(driver)
     before = train_steps(run)
@@ -120,11 +125,8 @@ def test_sigterm_to_the_train_driver_is_one_line_and_the_run_continues(cluster, 
     args = ["train", *FAST, f"run.output_dir={tmp_path}", "run.name=term", *settings]
     driver = subprocess.Popen([sys.executable, "-m", "rayjobs.cli", *args], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, cwd=REPO)
     run = tmp_path / "term"
-    deadline = time.time() + 240
     try:
-        while time.time() < deadline and not (registered_checkpoint(run) and len(train_steps(run)) >= 2):
-            time.sleep(0.3)
-        assert driver.poll() is None, "the driver ended before the signal"
+        _wait_for_a_registered_checkpoint(driver, run)
         driver.terminate()  # SIGTERM to the driver's PID only
         _, err = driver.communicate(timeout=120)
     finally:
