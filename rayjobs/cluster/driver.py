@@ -23,8 +23,8 @@ from ray.train.torch import TorchConfig, TorchTrainer
 from rayjobs.cluster.leftovers import reap_stale, watch_session
 from rayjobs.cluster.preflight import check_resume, preflight
 from rayjobs.cluster.recovery import has_checkpoints, reconcile
-from rayjobs.cluster.storage import check_storage, cluster_nodes, run_uri
-from rayjobs.cluster.worker import CHECKPOINTS, StopOnDeterministicError, training_failure, worker_entry
+from rayjobs.cluster.storage import check_storage, cluster_nodes
+from rayjobs.cluster.worker import CHECKPOINTS, StopOnDeterministicError, checkpoint_root, training_failure, worker_entry
 from rayjobs.config import Config, to_yaml
 from rayjobs.errors import Interrupted, TrainingStopped, UserError
 from rayjobs.runlock import hold_run
@@ -106,16 +106,11 @@ def fit(cfg: Config, verbose: bool = False) -> Path:
         except KeyboardInterrupt:
             if not received:
                 raise  # Ctrl-C: the CLI's own line
-            raise Interrupted(f"training interrupted (SIGTERM); start the same run.name to resume: {resume_hint(run_dir)}", signal.SIGTERM) from None
+            raise Interrupted(f"training interrupted (SIGTERM); start the same run.name to resume: draftray train {run_dir / 'config.yaml'}", signal.SIGTERM) from None
         finally:
             if started:
                 ray.shutdown()
     return run_dir
-
-
-def resume_hint(run_dir: Path) -> str:
-    """The command that continues a run: its own resolved config."""
-    return f"draftray train {run_dir / 'config.yaml'}"
 
 
 @contextlib.contextmanager
@@ -157,7 +152,7 @@ def run_trainer(cfg: Config, run_dir: Path, callbacks: list = (), progress: bool
     """Fits one TorchTrainer on the connected cluster; self-stops and failures after the retries become
     TrainingStopped, a worker's deterministic error (not retried) UserError (rayjobs/cluster/worker.py:
     training_failure). ``keep``: checkpoints kept (None = all; a sweep keeps every evaluated one)."""
-    root = run_uri(cfg.ray.storage_path, run_dir.name) if cfg.ray.storage_path else str(run_dir / CHECKPOINTS)
+    root = checkpoint_root(run_dir, cfg.ray.storage_path)
     try:
         _fit_trainer(cfg, run_dir, root, list(callbacks), progress, keep)
     except (ray.train.TrainingFailedError, ray.exceptions.RayError) as err:

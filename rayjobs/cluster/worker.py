@@ -17,17 +17,23 @@ import re
 import sys
 from pathlib import Path
 
-import pyarrow.fs as pafs
 import ray
 import ray.train
 
+from rayjobs.cluster.recovery import checkpoint_dirs
 from rayjobs.cluster.storage import StorageError, pull_run_dir, retrying, run_uri, sync_run_dir
 from rayjobs.config import Config
 from rayjobs.errors import TrainingStopped, UserError, capped, first_line
 from rayjobs.runlog import PLACEMENT_GROUPS
-from rayjobs.training.manifest import CheckpointError, checkpoint_name, newest_first, parse_name, verify
+from rayjobs.training.manifest import CheckpointError, checkpoint_name, parse_name, verify
 
 CHECKPOINTS = "checkpoints"  # <run dir>/checkpoints: Ray Train's storage for a run without ray.storage_path
+
+
+def checkpoint_root(run_dir: Path, storage_path: str | None) -> str:
+    """The run's checkpoint folder in its storage: where Ray Train puts a run of rayjobs/cluster/driver.py's RunConfig
+    (storage_path/<run name>, or <run dir>/checkpoints without ray.storage_path)."""
+    return run_uri(storage_path, Path(run_dir).name) if storage_path else str(Path(run_dir) / CHECKPOINTS)
 
 
 class RayContext:
@@ -72,8 +78,7 @@ class RayContext:
         return f"{self.root()}/{checkpoint_name(step, self.generation)}"
 
     def root(self) -> str:
-        """The run's checkpoint folder in its storage."""
-        return run_uri(self.storage_path, self.run_dir.name) if self.storage_path else str(self.run_dir / CHECKPOINTS)
+        return checkpoint_root(self.run_dir, self.storage_path)
 
     def sync(self) -> None:
         """Rank 0 copies the run directory next to the checkpoints in ray.storage_path (rayjobs/cluster/storage.py)."""
@@ -93,19 +98,23 @@ class RayContext:
         if ckpt is None:
             yield None
             return
-        candidates = [ckpt, *_older_checkpoints(ckpt)]
-        for candidate in candidates:
+        parent = ckpt.path.rstrip("/").rsplit("/", 1)[0]
+        beside = checkpoint_dirs(ckpt.filesystem, parent)  # every rank lists before any writes a new one
+        own = parse_name(_name(ckpt))
+        older = [ray.train.Checkpoint(f"{parent}/{n}", filesystem=ckpt.filesystem) for n in beside if own is None or parse_name(n) < own]
+        registered_name = registered and _name(registered)
+        for candidate in [ckpt, *older]:
             with candidate.as_directory() as directory:
                 try:
                     verify(Path(directory))
                 except CheckpointError as err:
                     print(f"draftray: skipping {err}", file=sys.stderr)
                     continue
-                self.generation = next_generation(_name(candidate), registered and _name(registered), _beside(ckpt))
+                self.generation = next_generation(_name(candidate), registered_name, beside)
                 yield Path(directory)
                 return
         print(f"draftray: no complete checkpoint of this run is left beside {ckpt.path}: training starts again from step 0", file=sys.stderr)
-        self.generation = next_generation(None, registered and _name(registered), _beside(ckpt))
+        self.generation = next_generation(None, registered_name, beside)
         yield None
 
     def _driver_choice(self) -> ray.train.Checkpoint | None:
@@ -128,20 +137,6 @@ def next_generation(restored: str | None, registered: str | None, beside: list[s
 
 def _name(ckpt: ray.train.Checkpoint) -> str:
     return ckpt.path.rstrip("/").rsplit("/", 1)[-1]
-
-
-def _beside(ckpt: ray.train.Checkpoint) -> list[str]:
-    """The checkpoint directory names in ``ckpt``'s storage folder, newest first."""
-    parent = ckpt.path.rstrip("/").rsplit("/", 1)[0]
-    infos = ckpt.filesystem.get_file_info(pafs.FileSelector(parent))
-    return newest_first(i.base_name for i in infos if i.type == pafs.FileType.Directory)
-
-
-def _older_checkpoints(ckpt: ray.train.Checkpoint) -> list[ray.train.Checkpoint]:
-    """The checkpoints beside ``ckpt`` in its storage that are older (by step, then generation), newest first."""
-    parent, own = ckpt.path.rstrip("/").rsplit("/", 1)[0], parse_name(_name(ckpt))
-    older = [n for n in _beside(ckpt) if own is None or parse_name(n) < own]
-    return [ray.train.Checkpoint(f"{parent}/{n}", filesystem=ckpt.filesystem) for n in older]
 
 
 def worker_entry(config: dict) -> None:
